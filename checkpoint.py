@@ -1,0 +1,65 @@
+"""Reading and writing weights: official LlamaGen .pt files, safetensors, atomic writes.
+
+Every load in RankE goes through here, so bad input gets one clear error and nothing is unpickled
+beyond tensors (torch.load(weights_only=True)); every write goes to a temporary file that is renamed
+into place, so a crash never leaves a half-written file behind.
+"""
+import argparse
+import os
+import pickle
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def read_state_dict(path, keys=("model", "module", "state_dict")):
+    """Tensors of a checkpoint: .safetensors, or a .pt/.pth whose tensors sit under one of `keys`
+    (LlamaGen writes {"model": ...}; DeepSpeed {"module": ...}; HPSv2 {"state_dict": ...})."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    try:  # LlamaGen's training scripts store their argparse.Namespace beside the weights: harmless
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {path}: it pickles objects other than tensors "
+                         f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]}). "
+                         f"Re-save its state_dict as .safetensors or a plain dict of tensors.") from None
+    if isinstance(ckpt, dict):
+        for k in keys:
+            if k in ckpt and isinstance(ckpt[k], dict):
+                ckpt = ckpt[k]
+                break
+    if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise ValueError(f"{path} holds no state_dict of tensors (looked at the top level and under {keys})")
+    return ckpt
+
+
+def check_keys(own, state_dict, what):
+    """Raise one error naming `what` and the first missing, unexpected and mis-shaped keys."""
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+                 for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or misshaped:
+        head = lambda xs: ", ".join(xs[:5]) + (f" ... ({len(xs)} in all)" if len(xs) > 5 else "")
+        lines = [f"checkpoint does not fit {what}:"]
+        if missing: lines.append(f"  missing: {head(missing)}")
+        if unexpected: lines.append(f"  unexpected: {head(unexpected)}")
+        if misshaped: lines.append(f"  mis-shaped (file vs config): {head(misshaped)}")
+        raise ValueError("\n".join(lines))
+
+
+def load_exact(model, state_dict, what):
+    """load_state_dict(strict=True), failing with check_keys' error rather than torch's."""
+    check_keys(model.state_dict(), state_dict, what)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def atomic_save(tensors, path, metadata=None):
+    """safetensors.save_file to `path` via a temporary file and a rename (atomic on POSIX)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)

@@ -1,0 +1,401 @@
+"""LlamaGen's text-to-image GPT (the RankE policy), a static-KV-cache CFG sampler, per-token log-probs,
+and the FLAN-T5 caption encoder.
+
+Module names and shapes are those of the official t2i checkpoints (`t2i_XL_stage1_256.pt`), and the
+conditioning is LlamaGen's exactly: 120 caption slots, left-padded with zeros, the caption padding
+hidden from every query but each position always sees itself, and for CFG a second batch half with the
+learned null caption under the same mask. Two quirks of the official model are kept on purpose, since
+the checkpoints were trained with them: the 2-D rotary table is zero for the caption slots (so their
+queries and keys are zero), and the first image token is predicted from the last caption slot.
+"""
+import hashlib
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from checkpoint import atomic_save, load_exact, read_state_dict
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 36
+    n_head: int = 20
+    dim: int = 1280
+    vocab_size: int = 16384
+    caption_dim: int = 2048  # FLAN-T5-XL
+    cls_token_num: int = 120  # caption slots
+    block_size: int = 256  # image tokens: 16 x 16 at 256 px, 32 x 32 for the 512 px stage-2 model
+    multiple_of: int = 256
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    # LlamaGen pre-trains with 0.1; off here, since every log-prob RL takes must be deterministic
+    token_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    ffn_dropout: float = 0.0
+
+
+GPT_CONFIGS = {
+    "GPT-B": GPTConfig(n_layer=12, n_head=12, dim=768),
+    "GPT-L": GPTConfig(n_layer=24, n_head=16, dim=1024),
+    "GPT-XL": GPTConfig(n_layer=36, n_head=20, dim=1280),
+    "GPT-XXL": GPTConfig(n_layer=48, n_head=24, dim=1536),
+    "GPT-1B": GPTConfig(n_layer=22, n_head=32, dim=2048),
+    "GPT-3B": GPTConfig(n_layer=24, n_head=32, dim=3200),
+    # small configs for the tests and the micro world
+    "GPT-tiny": GPTConfig(n_layer=2, n_head=2, dim=64, vocab_size=64, caption_dim=32, cls_token_num=8,
+                          block_size=16, multiple_of=32),
+    "GPT-micro": GPTConfig(n_layer=4, n_head=4, dim=128, vocab_size=512, caption_dim=64, cls_token_num=16,
+                           block_size=64, multiple_of=64),
+}
+
+
+def gpt_config(config="GPT-XL", **overrides):
+    return replace(GPT_CONFIGS[config] if isinstance(config, str) else config, **overrides)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch, n_head, length, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+def apply_rope(x, rope):
+    """x: B x L x H x D; rope: L x D/2 x 2 (cos, sin). Rotates pairs (x[2i], x[2i+1]) in fp32."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    cos, sin = rope[None, :, None, :, 0], rope[None, :, None, :, 1]
+    out = torch.stack([xf[..., 0] * cos - xf[..., 1] * sin, xf[..., 1] * cos + xf[..., 0] * sin], -1)
+    return out.flatten(3).type_as(x)
+
+
+def rope_2d(grid, head_dim, base, n_caption):
+    """LlamaGen's 2-D RoPE table: half the pairs rotate with the row, half with the column; zeros for
+    the caption slots (the official table, which the checkpoints were trained with)."""
+    half = head_dim // 2
+    freqs = 1.0 / base ** (torch.arange(0, half, 2)[: half // 2].float() / half)
+    f = torch.outer(torch.arange(grid).float(), freqs)  # grid x head_dim/4
+    f = torch.cat([f[:, None].expand(-1, grid, -1), f[None].expand(grid, -1, -1)], -1).flatten(0, 1)
+    table = torch.stack([f.cos(), f.sin()], -1)
+    return torch.cat([torch.zeros(n_caption, head_dim // 2, 2), table])
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.dim // cfg.n_head
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.resid_dropout = nn.Dropout(cfg.resid_dropout)
+        self.kv_cache = None
+
+    def forward(self, x, rope, mask, input_pos=None):
+        B, L, _ = x.shape
+        q, k, v = self.wqkv(x).view(B, L, 3, self.n_head, self.head_dim).unbind(2)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if input_pos is not None:  # cached decoding; the teacher-forced forward never touches the cache
+            k, v = self.kv_cache.update(input_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, L, -1)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        hidden = int(2 * 4 * cfg.dim / 3)
+        hidden = cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)  # SwiGLU width, as LLaMA
+        self.w1 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, cfg.dim, bias=False)
+        self.ffn_dropout = nn.Dropout(cfg.ffn_dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attention, self.feed_forward = Attention(cfg), FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x, rope, mask, input_pos=None):
+        x = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class CaptionEmbedder(nn.Module):
+    """T5 features -> model width by a 2-layer MLP; holds the learned null caption used for CFG.
+    `uncond_embedding` is a buffer in the official model, so it never trains (in RankE neither)."""
+    def __init__(self, cfg):
+        super().__init__()
+        self.cap_proj = nn.Module()
+        self.cap_proj.fc1 = nn.Linear(cfg.caption_dim, cfg.dim, bias=False)
+        self.cap_proj.fc2 = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.register_buffer("uncond_embedding", torch.randn(cfg.cls_token_num, cfg.caption_dim) / cfg.caption_dim ** 0.5)
+
+    def forward(self, cond):
+        return self.cap_proj.fc2(F.gelu(self.cap_proj.fc1(cond), approximate="tanh"))
+
+
+def attention_mask(cond_mask, length):
+    """B x 1 x L x L bool: causal, caption padding hidden from every query, the diagonal always kept --
+    the mask of LlamaGen's t2i training data and of its sampler."""
+    B, C = cond_mask.shape
+    keep = torch.ones(B, length, dtype=torch.bool, device=cond_mask.device)
+    keep[:, :C] = cond_mask.bool()
+    causal = torch.ones(length, length, dtype=torch.bool, device=cond_mask.device).tril()
+    eye = torch.eye(length, dtype=torch.bool, device=cond_mask.device)
+    return ((causal & keep[:, None, :]) | eye)[:, None]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.cls_embedding = CaptionEmbedder(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.tok_dropout = nn.Dropout(cfg.token_dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        grid = int(cfg.block_size ** 0.5)
+        assert grid * grid == cfg.block_size, "block_size must be a square grid of tokens"
+        self.register_buffer("rope", rope_2d(grid, cfg.dim // cfg.n_head, cfg.rope_base, cfg.cls_token_num), persistent=False)
+        for m in self.modules():  # LlamaGen's init (used when the micro world trains from scratch)
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        nn.init.zeros_(self.output.weight)
+
+    def caption(self, cond, uncond=None):
+        """Rows where `uncond` is True take the learned null caption (caption dropout / CFG)."""
+        if uncond is None:
+            return cond
+        null = self.cls_embedding.uncond_embedding.to(cond.dtype)
+        return torch.where(uncond[:, None, None], null, cond)
+
+    def forward(self, tokens, cond, cond_mask, uncond=None):
+        """Teacher-forced logits B x T x V (fp32): logits[:, t] predicts tokens[:, t] from the caption
+        and tokens[:, :t]. cond: B x C x caption_dim left-padded; cond_mask: B x C (1 = caption)."""
+        C = self.config.cls_token_num
+        h = torch.cat([self.cls_embedding(self.caption(cond, uncond)), self.tok_embeddings(tokens[:, :-1])], 1)
+        L = h.shape[1]
+        mask, rope = attention_mask(cond_mask, L), self.rope[:L]
+        h = self.tok_dropout(h)
+        for layer in self.layers:
+            h = layer(h, rope, mask)
+        return self.output(self.norm(h[:, C - 1:])).float()
+
+    # -- static KV cache (gpt-fast) --
+    def setup_cache(self, batch, dtype):
+        cfg = self.config
+        length = cfg.cls_token_num + cfg.block_size
+        c = self.layers[0].attention.kv_cache
+        if c is not None and c.k.shape[0] == batch and c.k.dtype == dtype:
+            return
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, cfg.n_head, length, cfg.dim // cfg.n_head, dtype, self.output.weight.device)
+
+    def free_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def step(self, h, input_pos, mask):
+        """Run new positions `input_pos` through the cached model; logits of the last one, B x V."""
+        rope = self.rope[input_pos]
+        for layer in self.layers:
+            h = layer(h, rope, mask, input_pos)
+        return self.output(self.norm(h[:, -1])).float()
+
+
+def prefill(model, cond, mask, input_pos):
+    return model.step(model.cls_embedding(cond), input_pos, mask[:, :, input_pos])
+
+
+def decode_one_token(model, token, mask, input_pos):
+    return model.step(model.tok_embeddings(token), input_pos, mask[:, :, input_pos])
+
+
+def guide(logits, cfg_scale):
+    """Classifier-free guidance on a batch whose second half is unconditional (LlamaGen: only if s > 1)."""
+    if cfg_scale <= 1.0:
+        return logits
+    c, u = logits.chunk(2)
+    return u + cfg_scale * (c - u)
+
+
+@torch.no_grad()
+def filter_keep(z, top_k, top_p):
+    """Bool mask of the tokens LlamaGen's top-k then top-p filter keeps (ties at the k-th value are
+    kept; the top-p set is the smallest prefix whose mass reaches top_p). z: ... x V."""
+    keep = torch.ones_like(z, dtype=torch.bool)
+    if top_k > 0:
+        keep = z >= z.topk(min(top_k, z.shape[-1]), dim=-1).values[..., -1:]
+    if top_p < 1.0:
+        s, idx = z.masked_fill(~keep, float("-inf")).sort(-1, descending=True)
+        drop = s.softmax(-1).cumsum(-1) > top_p
+        drop[..., 1:] = drop[..., :-1].clone()  # keep the token that crosses the threshold
+        drop[..., 0] = False
+        keep = keep & ~drop.scatter(-1, idx, drop)
+    return keep
+
+
+def sample(logits, temperature, top_k, top_p, generator=None):
+    """One token per row from B x V logits, and its log-prob under the distribution that drew it.
+    temperature 0 is greedy (log-prob 0: a point mass)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True), logits.new_zeros(logits.shape[0])
+    z = logits / temperature
+    z = z.masked_fill(~filter_keep(z, top_k, top_p), float("-inf"))
+    logp = z.log_softmax(-1)
+    token = torch.multinomial(logp.exp(), 1, generator=generator)
+    return token, logp.gather(-1, token)[:, 0]
+
+
+def cfg_batch(model, cond, cond_mask, cfg_scale):
+    """Append the unconditional half (learned null caption, the same caption mask) when s > 1."""
+    if cfg_scale <= 1.0:
+        return cond, cond_mask
+    null = model.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
+    return torch.cat([cond, null]), torch.cat([cond_mask, cond_mask])
+
+
+@torch.no_grad()
+def generate(model, cond, cond_mask, cfg_scale=7.5, temperature=1.0, top_k=1000, top_p=1.0,
+             generator=None, return_logprobs=False, decode_fn=decode_one_token):
+    """Sample B x block_size image tokens with CFG from a static KV cache: prefill the caption, then
+    one token at a time. With return_logprobs, also the B x T log-probs of the sampled tokens under the
+    distribution that sampled them (GRPO's pi_old). `decode_fn` may be a torch.compile'd
+    decode_one_token."""
+    cfg = model.config
+    C, T = cfg.cls_token_num, cfg.block_size
+    cond, cond_mask = cfg_batch(model, cond, cond_mask, cfg_scale)
+    model.setup_cache(cond.shape[0], model.output.weight.dtype)
+    mask = attention_mask(cond_mask, C + T)
+    cond = cond.to(model.output.weight.dtype)
+    logits = prefill(model, cond, mask, torch.arange(C, device=cond.device))
+    tokens, logps = [], []
+    for t in range(T):
+        token, logp = sample(guide(logits, cfg_scale), temperature, top_k, top_p, generator)
+        tokens.append(token)
+        logps.append(logp)
+        if t < T - 1:
+            pos = torch.tensor([C + t], device=cond.device)
+            logits = decode_fn(model, torch.cat([token, token]) if cfg_scale > 1.0 else token, mask, pos)
+    tokens = torch.cat(tokens, 1)
+    return (tokens, torch.stack(logps, 1)) if return_logprobs else tokens
+
+
+def token_logprobs(model, tokens, cond, cond_mask, cfg_scale=7.5, temperature=1.0, top_k=0, top_p=1.0,
+                   cond_only=False):
+    """Teacher-forced, differentiable log-prob of each token B x T, and the entropy of the distribution
+    it was drawn from (detached), in one batched forward.
+
+    By default the distribution is the sampler's: log_softmax((u + s (c - u)) / temperature) over the
+    top-k / top-p set, which is chosen on the current logits and always holds the given token (so no
+    -inf). The gradient reaches the unconditional branch with weight (1 - s). cond_only=True gives the
+    conditional-logit variant of published GRPO baselines (AR-GRPO, T2I-R1), which ignores CFG."""
+    if temperature <= 0:
+        raise ValueError("token_logprobs needs temperature > 0 (greedy decoding has no log-prob to train)")
+    s = 1.0 if cond_only else cfg_scale
+    cond2, mask2 = cfg_batch(model, cond, cond_mask, s)
+    logits = model(torch.cat([tokens, tokens]) if s > 1.0 else tokens, cond2, mask2)
+    z = guide(logits, s) / temperature
+    keep = filter_keep(z.detach(), top_k, top_p)
+    keep.scatter_(-1, tokens[..., None], True)
+    z = z.masked_fill(~keep, float("-inf"))
+    logp_all = z.log_softmax(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all.masked_fill(~keep, 0)).sum(-1)
+    return logp_all.gather(-1, tokens[..., None])[..., 0], entropy
+
+
+def load_gpt(path, config="GPT-XL", **overrides):
+    """An official LlamaGen t2i checkpoint (.pt with tensors under "model", "module" or "state_dict")
+    or a .safetensors. overrides: e.g. block_size=1024 for t2i_XL_stage2_512.pt."""
+    cfg = gpt_config(config, **overrides)
+    sd = read_state_dict(path)
+    if "cls_embedding.embedding_table.weight" in sd:
+        raise ValueError(f"{path} is a class-conditional LlamaGen checkpoint; RankE needs a text-to-image (t2i) one")
+    name = config if isinstance(config, str) else "the given GPTConfig"
+    return load_exact(GPT(cfg), sd, f"GPT config {name}{' ' + str(overrides) if overrides else ''} ({path})").eval()
+
+
+# -- the caption encoder (FLAN-T5-XL for LlamaGen) --
+
+def load_t5(path, device="cpu", dtype=torch.float32):
+    """T5EncoderModel and its tokenizer from a local directory (no download)."""
+    from transformers import AutoTokenizer, T5EncoderModel
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"T5 directory not found: {path} (a local copy of google/flan-t5-xl, "
+                                f"with config.json, the weights and the tokenizer files)")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    encoder = T5EncoderModel.from_pretrained(path, local_files_only=True, dtype=dtype)
+    return tokenizer, encoder.to(device).eval()
+
+
+@torch.no_grad()
+def t5_embed(prompts, tokenizer, encoder, max_length=120):
+    """Caption features as LlamaGen feeds them: B x max_length x D, valid tokens moved to the end and
+    zeros before them (left padding), and the mask B x max_length. Text is lower-cased and stripped
+    (LlamaGen's cleaning without its ftfy / BeautifulSoup steps)."""
+    b = tokenizer([p.lower().strip() for p in prompts], max_length=max_length, padding="max_length",
+                  truncation=True, return_tensors="pt").to(encoder.device)
+    emb = encoder(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+    n = b.attention_mask.sum(1, keepdim=True)  # valid tokens per prompt, right-padded by the tokenizer
+    rolled = (torch.arange(max_length, device=emb.device) + n) % max_length  # row j <- token (j + n) % L
+    emb = emb.gather(1, rolled[..., None].expand_as(emb))
+    mask = b.attention_mask.flip(-1)
+    return emb * mask[..., None], mask
+
+
+def prompt_key(prompt):
+    return hashlib.sha1(prompt.encode()).hexdigest()
+
+
+def cached_t5_embed(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120,
+                    batch_size=64):
+    """t5_embed with a safetensors cache keyed by prompt (only the valid rows are stored); T5 is
+    loaded only if some prompt is missing. Returns (B x max_length x D, B x max_length)."""
+    from safetensors.torch import load_file
+    cache = load_file(cache_file) if os.path.isfile(cache_file) else {}
+    todo = sorted({p for p in prompts if prompt_key(p) not in cache})
+    if todo:
+        if t5_path is None:
+            raise FileNotFoundError(f"{len(todo)} prompts are not in {cache_file} and no t5_path was given")
+        tokenizer, encoder = load_t5(t5_path, device, dtype)
+        for i in range(0, len(todo), batch_size):
+            emb, mask = t5_embed(todo[i:i + batch_size], tokenizer, encoder, max_length)
+            for p, e, m in zip(todo[i:i + batch_size], emb, mask):
+                cache[prompt_key(p)] = e[m.bool()].cpu()
+        atomic_save(cache, cache_file)
+    feats = [cache[prompt_key(p)] for p in prompts]
+    D = feats[0].shape[-1]
+    emb = torch.zeros(len(prompts), max_length, D, dtype=feats[0].dtype)
+    mask = torch.zeros(len(prompts), max_length, dtype=torch.long)
+    for i, f in enumerate(feats):
+        if len(f):
+            emb[i, -len(f):], mask[i, -len(f):] = f, 1
+    return emb, mask

@@ -1,0 +1,260 @@
+"""RankE's tests: fast on 2 CPU cores, tiny random configs, real assertions. Run: python -m pytest -q"""
+import argparse
+
+import pytest
+import torch
+
+import model_ar
+import model_vq
+from model_ar import GPT, gpt_config, generate, token_logprobs
+
+numel = lambda sd: sum(v.numel() for v in sd.values())
+
+
+# ---------------------------------------------------------------- fixtures
+
+def random_gpt(config="GPT-tiny", seed=0, std=0.3, **overrides):
+    """A GPT with all weights random (LlamaGen zero-inits the output layer, which would make every
+    logit 0)."""
+    torch.manual_seed(seed)
+    g = GPT(gpt_config(config, **overrides))
+    for p in g.parameters():
+        p.data.normal_(0, std)
+    return g.eval()
+
+
+def captions(cfg, lengths, seed=1):
+    """Left-padded caption features and masks, as LlamaGen feeds them."""
+    torch.manual_seed(seed)
+    C = cfg.cls_token_num
+    mask = (torch.arange(C)[None] >= C - torch.tensor(lengths)[:, None]).long()
+    return torch.randn(len(lengths), C, cfg.caption_dim) * mask[..., None], mask
+
+
+@pytest.fixture
+def gpt():
+    return random_gpt()
+
+
+# ---------------------------------------------------------------- manifests (issue 2 facts)
+
+def test_vq16_manifest():
+    with torch.device("meta"):
+        vq = model_vq.VQModel(model_vq.VQ_CONFIGS["VQ-16"])
+    sd = vq.state_dict()
+    assert len(sd) == 344 and numel(sd) == 71_948_939
+    assert sd["quantize.codebook_used"].shape == (65536,)
+    assert sd["quantize.embedding.weight"].shape == (16384, 8)
+    assert sum(p.numel() for p in model_vq.decoder_parameters(vq)) == 42_452_099
+
+
+def test_gpt_xl_manifest():
+    with torch.device("meta"):
+        g = GPT(gpt_config("GPT-XL"))
+    sd = g.state_dict()
+    assert len(sd) == 258 and numel(sd) == 777_923_840
+    assert sum(p.numel() for p in g.parameters()) == 777_678_080
+    assert sd["cls_embedding.uncond_embedding"].shape == (120, 2048)
+    assert sd["cls_embedding.cap_proj.fc1.weight"].shape == (1280, 2048)
+    assert sd["layers.35.attention.wqkv.weight"].shape == (3840, 1280)
+    assert sd["layers.0.feed_forward.w1.weight"].shape == (3584, 1280)
+    assert not any("cache" in k or "rope" in k for k in sd)
+
+
+# ---------------------------------------------------------------- loading and bad input
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("unpickling ran code",))
+
+
+def test_load_official_formats(tmp_path, gpt):
+    sd = gpt.state_dict()
+    torch.save({"model": sd, "steps": torch.tensor(7)}, tmp_path / "ddp.pt")
+    torch.save({"module": sd}, tmp_path / "deepspeed.pt")
+    model_ar.atomic_save(sd, str(tmp_path / "g.safetensors"))
+    for f in ["ddp.pt", "deepspeed.pt", "g.safetensors"]:
+        g = model_ar.load_gpt(str(tmp_path / f), "GPT-tiny")
+        assert all(torch.equal(g.state_dict()[k], v) for k, v in sd.items())
+    vq = model_vq.VQModel(model_vq.VQ_CONFIGS["VQ-tiny"])
+    torch.save({"model": vq.state_dict()}, tmp_path / "vq.pt")
+    assert torch.equal(model_vq.load_vq(str(tmp_path / "vq.pt"), "VQ-tiny").decoder.conv_out.weight,
+                       vq.decoder.conv_out.weight)
+
+
+def test_bad_checkpoints(tmp_path, gpt):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        model_ar.load_gpt(str(tmp_path / "nowhere.pt"), "GPT-tiny")
+    # a bigger GPT given as a smaller one: the error names the config and the first bad keys
+    torch.save({"model": random_gpt(n_layer=3, dim=128).state_dict()}, tmp_path / "big.pt")
+    with pytest.raises(ValueError, match=r"(?s)GPT config GPT-tiny.*unexpected: layers\.2\..*mis-shaped.*tok_embeddings"):
+        model_ar.load_gpt(str(tmp_path / "big.pt"), "GPT-tiny")
+    # a class-conditional checkpoint
+    c2i = {k: v for k, v in gpt.state_dict().items() if not k.startswith("cls_embedding")}
+    c2i["cls_embedding.embedding_table.weight"] = torch.zeros(1001, 64)
+    torch.save({"model": c2i}, tmp_path / "c2i.pt")
+    with pytest.raises(ValueError, match="class-conditional"):
+        model_ar.load_gpt(str(tmp_path / "c2i.pt"), "GPT-tiny")
+    # a VQ-8-shaped file given as another VQ config
+    other = model_vq.VQModel(model_vq.VQConfig(codebook_size=64, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32))
+    torch.save({"model": other.state_dict()}, tmp_path / "vq.pt")
+    with pytest.raises(ValueError, match=r"(?s)VQ config 'VQ-tiny'.*unexpected: .*conv_blocks\.2"):
+        model_vq.load_vq(str(tmp_path / "vq.pt"), "VQ-tiny")
+    # LlamaGen's own training files carry their argparse args: loaded; any other object is refused
+    torch.save({"model": gpt.state_dict(), "args": argparse.Namespace(lr=1e-4)}, tmp_path / "args.pt")
+    model_ar.load_gpt(str(tmp_path / "args.pt"), "GPT-tiny")
+    torch.save({"model": gpt.state_dict(), "extra": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="refusing to load"):
+        model_ar.load_gpt(str(tmp_path / "evil.pt"), "GPT-tiny")
+
+
+# ---------------------------------------------------------------- the policy
+
+def test_forward_is_causal_and_masks_caption_padding(gpt):
+    cfg = gpt.config
+    cond, mask = captions(cfg, [3, 8])
+    tokens = torch.randint(0, cfg.vocab_size, (2, cfg.block_size))
+    logits = gpt(tokens, cond, mask)
+    assert logits.shape == (2, cfg.block_size, cfg.vocab_size) and logits.dtype == torch.float32
+    t2 = tokens.clone()
+    t2[:, 5] = (t2[:, 5] + 1) % cfg.vocab_size  # changing token 5 changes predictions after it only
+    l2 = gpt(t2, cond, mask)
+    assert torch.allclose(logits[:, :6], l2[:, :6]) and not torch.allclose(logits[:, 6:], l2[:, 6:])
+    c2 = cond.clone()
+    c2[0, :5] = 7.0  # the padding of prompt 0 (3 valid slots) is invisible
+    assert torch.allclose(gpt(tokens, c2, mask)[0], logits[0], atol=1e-6)
+
+
+def test_dropout_off_by_default(gpt):
+    cond, mask = captions(gpt.config, [4, 4])
+    tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size))
+    gpt.train()
+    assert torch.equal(gpt(tokens, cond, mask), gpt(tokens, cond, mask))
+
+
+def test_kv_cache_logits_equal_teacher_forced(gpt):
+    cfg = gpt.config
+    C, T = cfg.cls_token_num, cfg.block_size
+    cond, mask = captions(cfg, [2, 8, 5])
+    tokens = torch.randint(0, cfg.vocab_size, (3, T))
+    with torch.no_grad():
+        full = gpt(tokens, cond, mask)
+        gpt.setup_cache(3, torch.float32)
+        am = model_ar.attention_mask(mask, C + T)
+        cached = [model_ar.prefill(gpt, cond, am, torch.arange(C))]
+        for t in range(T - 1):
+            cached.append(model_ar.decode_one_token(gpt, tokens[:, t:t + 1], am, torch.tensor([C + t])))
+    assert torch.allclose(torch.stack(cached, 1), full, atol=1e-5)
+
+
+def test_cfg_and_filtering_on_hand_made_logits():
+    c, u = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.5, 2.5, 1.0]])
+    assert torch.allclose(model_ar.guide(torch.cat([c, u]), 3.0), u + 3.0 * (c - u))
+    assert torch.equal(model_ar.guide(c, 1.0), c)  # s <= 1: no unconditional half, as LlamaGen
+    z = torch.tensor([[1.0, 5.0, 3.0, 5.0, 2.0]])
+    assert model_ar.filter_keep(z, 2, 1.0).tolist() == [[False, True, False, True, False]]
+    assert model_ar.filter_keep(z, 1, 1.0).tolist() == [[False, True, False, True, False]]  # ties kept
+    p = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
+    assert model_ar.filter_keep(p, 0, 0.7).tolist() == [[False, True, False, True]]  # 0.5, then 0.8 crosses
+    assert model_ar.filter_keep(p, 0, 0.9).tolist() == [[False, True, True, True]]
+    assert model_ar.filter_keep(p, 2, 0.4).tolist() == [[False, True, False, False]]
+    assert model_ar.filter_keep(p, 0, 1.0).all()
+
+
+def test_greedy_is_deterministic_and_seeded_sampling_repeats(gpt):
+    cond, mask = captions(gpt.config, [3, 6])
+    a = generate(gpt, cond, mask, cfg_scale=4.0, temperature=0)
+    assert torch.equal(a, generate(gpt, cond, mask, cfg_scale=4.0, temperature=0))
+    with torch.no_grad():  # greedy CFG: each token is the argmax of the guided teacher-forced logits
+        tf = model_ar.guide(gpt(torch.cat([a, a]), *model_ar.cfg_batch(gpt, cond, mask, 4.0)), 4.0)
+    assert torch.equal(tf.argmax(-1), a)
+    s1 = generate(gpt, cond, mask, 4.0, 1.0, 10, 0.9, generator=torch.Generator().manual_seed(5))
+    s2 = generate(gpt, cond, mask, 4.0, 1.0, 10, 0.9, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(s1, s2) and not torch.equal(s1, a)
+
+
+@pytest.mark.parametrize("cfg_scale,top_k,top_p", [(1.0, 0, 1.0), (4.0, 0, 1.0), (4.0, 10, 1.0), (7.5, 20, 0.8)])
+def test_sampler_and_teacher_forced_logprobs_agree(gpt, cfg_scale, top_k, top_p):
+    cond, mask = captions(gpt.config, [3, 8, 1, 5])
+    g = torch.Generator().manual_seed(0)
+    tokens, lp_old = generate(gpt, cond, mask, cfg_scale, 1.3, top_k, top_p, generator=g, return_logprobs=True)
+    lp, entropy = token_logprobs(gpt, tokens, cond, mask, cfg_scale, 1.3, top_k, top_p)
+    assert torch.isfinite(lp).all() and torch.isfinite(entropy).all() and (entropy >= 0).all()
+    assert (lp - lp_old).abs().max() < 1e-4
+    lp.sum().backward()  # differentiable: gradients reach the weights
+    assert gpt.layers[0].attention.wqkv.weight.grad.abs().sum() > 0
+
+
+def test_teacher_forced_logprobs_never_inf_and_cond_only(gpt):
+    cond, mask = captions(gpt.config, [4, 2])
+    tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size))  # mostly outside top-k
+    lp, _ = token_logprobs(gpt, tokens, cond, mask, 7.5, 1.0, top_k=2, top_p=0.5)
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
+    lp_c, _ = token_logprobs(gpt, tokens, cond, mask, 7.5, 1.0, cond_only=True)
+    ref = gpt(tokens, cond, mask).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.allclose(lp_c, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        token_logprobs(gpt, tokens, cond, mask, 7.5, 0.0)
+
+
+# ---------------------------------------------------------------- the tokenizer
+
+def test_vq_encode_decode_and_decoder_gradients(tmp_path):
+    torch.manual_seed(0)
+    vq = model_vq.VQModel(model_vq.VQ_CONFIGS["VQ-tiny"]).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    codes = vq.encode(x)
+    assert codes.shape == (2, 64) and codes.dtype == torch.long
+    # encode picks the nearest l2-normalised code of each l2-normalised latent
+    z = torch.nn.functional.normalize(vq.encode_latent(x).permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+    assert torch.equal(codes.view(-1), (z @ vq.quantize.codebook().t()).argmax(1))
+    vq.requires_grad_(False)  # as Stage 2: only post_quant_conv + decoder train
+    for p in model_vq.decoder_parameters(vq):
+        p.requires_grad_(True)
+    img = vq.decode(codes)
+    assert img.shape == (2, 3, 16, 16)
+    img.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model_vq.decoder_parameters(vq))
+    assert all(p.grad is None for p in vq.encoder.parameters()) and vq.quantize.embedding.weight.grad is None
+    # the decoder part alone round-trips through safetensors
+    model_vq.save_decoder(vq, str(tmp_path / "dec.safetensors"))
+    vq2 = model_vq.load_decoder(model_vq.VQModel(model_vq.VQ_CONFIGS["VQ-tiny"]).eval(), str(tmp_path / "dec.safetensors"))
+    assert torch.allclose(vq2.decode(codes), img)
+    with pytest.raises(ValueError, match="the decoder of this VQ config"):
+        model_vq.load_decoder(model_vq.VQModel(model_vq.VQ_CONFIGS["VQ-micro"]), str(tmp_path / "dec.safetensors"))
+
+
+# ---------------------------------------------------------------- the caption encoder
+
+def tiny_t5(path, words="a red blue green circle square triangle two three above below left of".split()):
+    """A tiny T5 encoder and a word-level tokenizer saved as transformers does, built locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(0)
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)).save_pretrained(path)
+
+
+def test_t5_embeddings_are_left_padded_and_cached(tmp_path):
+    tiny_t5(str(tmp_path / "t5"))
+    tok, enc = model_ar.load_t5(str(tmp_path / "t5"))
+    prompts = ["A red circle", "two blue squares above a green triangle"]
+    emb, mask = model_ar.t5_embed(prompts, tok, enc, max_length=12)
+    n = [4, 8]  # words + </s>
+    assert mask.tolist() == [[0] * (12 - k) + [1] * k for k in n]
+    ids = tok(["a red circle"], return_tensors="pt").input_ids
+    ref = enc(input_ids=ids).last_hidden_state[0]
+    assert torch.allclose(emb[0, -4:], ref, atol=1e-5) and (emb[0, :-4] == 0).all()
+    cache = str(tmp_path / "cache.safetensors")
+    e1, m1 = model_ar.cached_t5_embed(prompts, cache, str(tmp_path / "t5"), max_length=12)
+    e2, m2 = model_ar.cached_t5_embed(prompts[::-1], cache, max_length=12)  # no T5 needed now
+    assert torch.allclose(e1, emb, atol=1e-6) and torch.equal(m1, mask)
+    assert torch.equal(e2, e1.flip(0)) and torch.equal(m2, m1.flip(0))
+    with pytest.raises(FileNotFoundError, match="not in"):
+        model_ar.cached_t5_embed(["a new prompt"], cache, max_length=12)
+    with pytest.raises(FileNotFoundError, match="T5 directory not found"):
+        model_ar.load_t5(str(tmp_path / "missing"))
