@@ -258,3 +258,186 @@ def test_t5_embeddings_are_left_padded_and_cached(tmp_path):
         model_ar.cached_t5_embed(["a new prompt"], cache, max_length=12)
     with pytest.raises(FileNotFoundError, match="T5 directory not found"):
         model_ar.load_t5(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- losses: Stage 1
+
+import losses  # noqa: E402
+
+
+def test_group_advantages():
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.3, 0.3, 0.3, 0.3])
+    adv, flat_frac = losses.group_advantages(r, 4)
+    a = adv.view(2, 4)
+    assert torch.allclose(a[0].mean(), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(a[0].std(), torch.tensor(1.0), atol=1e-3)
+    assert torch.equal(a[1], torch.zeros(4)) and flat_frac == 0.5  # a flat group: zeros, never NaN
+    assert (a[0].argsort() == torch.arange(4)).all()  # the ranking is kept
+
+
+def test_grpo_with_ratio_one_and_no_kl_is_reinforce():
+    torch.manual_seed(0)
+    theta = torch.randn(4, 6, requires_grad=True)  # stand-in per-token logits of the chosen tokens
+    logp = torch.nn.functional.logsigmoid(theta)
+    adv = torch.tensor([1.0, -0.5, 0.0, 2.0])
+    loss, stats = losses.grpo_loss(logp, logp.detach(), logp.detach(), adv, beta=0.0)
+    g, = torch.autograd.grad(loss, theta, retain_graph=True)
+    reinforce = -(adv[:, None] * logp).sum() / logp.numel()
+    g_ref, = torch.autograd.grad(reinforce, theta)
+    assert torch.allclose(g, g_ref, atol=1e-7)
+    assert stats["clip_frac"] == 0 and abs(stats["ratio_mean"] - 1) < 1e-6 and stats["kl"] == 0
+
+
+def test_grpo_clip_zeroes_gradient_only_outside_the_trust_region():
+    old = torch.zeros(4, 1)
+    delta = torch.tensor([[0.5], [0.5], [-0.5], [-0.5]], requires_grad=True)  # log-ratio: ratio e^0.5 / e^-0.5
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    loss, stats = losses.grpo_loss(old + delta, old, old + delta.detach(), adv, clip_eps=0.2, beta=0.0)
+    g, = torch.autograd.grad(loss, delta)
+    # ratio 1.65 > 1.2 with A > 0: clipped, no gradient; with A < 0 the unclipped term is the min: gradient
+    # ratio 0.61 < 0.8 with A < 0: clipped; with A > 0: gradient
+    assert g[0] == 0 and g[3] == 0 and g[1] != 0 and g[2] != 0
+    assert stats["clip_frac"] == 0.5
+
+
+def test_k3_kl_nonnegative_and_zero_when_equal():
+    torch.manual_seed(0)
+    logp, ref = torch.randn(3, 5) - 2, torch.randn(3, 5) - 2
+    _, s = losses.grpo_loss(logp, logp, ref, torch.zeros(3), beta=1.0)
+    assert s["kl"] > 0
+    loss, s = losses.grpo_loss(logp, logp, logp, torch.zeros(3), beta=1.0)
+    assert s["kl"] == 0 and loss == 0
+
+
+def test_grpo_normalises_by_global_tokens():
+    torch.manual_seed(0)
+    logp = torch.randn(4, 8) - 1
+    adv = torch.randn(4)
+    whole, _ = losses.grpo_loss(logp, logp - 0.1, logp, adv)
+    halves = sum(losses.grpo_loss(logp[i:i + 2], logp[i:i + 2] - 0.1, logp[i:i + 2], adv[i:i + 2], n_tokens=32)[0]
+                 for i in (0, 2))
+    assert torch.allclose(whole, halves)  # two accumulation steps add up to the full batch
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    w0 = a.weight.detach().clone()
+    losses.ema_update(a, b, 1.0)
+    assert torch.equal(a.weight, w0)  # decay 1: a frozen reference
+    losses.ema_update(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * w0 + 0.1 * b.weight)
+
+
+# ---------------------------------------------------------------- losses: Stage 2
+
+def test_rank_weights():
+    r = torch.tensor([0.1, 0.3, 0.2, 0.25, 0.9, 0.0])
+    for g in (None, 3):
+        w = losses.rank_weights(r, 0.1, g)
+        assert torch.allclose(w.sum(), torch.tensor(6.0)) and not w.requires_grad
+        assert torch.allclose(losses.rank_weights(r, 1e6, g), torch.ones(6), atol=1e-4)  # tau -> inf: uniform
+        assert torch.equal(losses.rank_weights(r, float("inf"), g), torch.ones(6))
+    hard = losses.rank_weights(r, 1e-4, 3).view(2, 3)  # tau -> 0: each group's best gets all of it
+    assert torch.allclose(hard, torch.tensor([[0.0, 3.0, 0.0], [0.0, 3.0, 0.0]]))
+    assert torch.allclose(losses.rank_weights(r, 1e-4), 6.0 * (r == r.max()).float())
+    assert torch.allclose(losses.rank_weights(r, 0.1, 3).view(2, 3).sum(1), torch.tensor([3.0, 3.0]))
+
+
+def test_rank_gan_and_discriminator_losses():
+    d = losses.patchgan(ndf=8, n_layers=2)
+    x = torch.randn(4, 3, 32, 32)
+    logits = d(x)
+    assert logits.shape[:2] == (4, 1) and logits.shape[-1] > 1  # a map of patch logits
+    w = torch.tensor([2.0, 1.0, 0.5, 0.5])
+    assert torch.allclose(losses.rank_gan_loss(logits, w), (w * -logits.flatten(1).mean(1)).mean())
+    assert torch.allclose(losses.rank_gan_loss(logits, torch.ones(4)), -logits.mean())  # uniform: plain hinge GAN
+    real, fake = torch.full((2, 1, 3, 3), 2.0), torch.full((2, 1, 3, 3), -2.0)
+    loss, acc = losses.disc_loss(real, fake)
+    assert loss == 0 and acc == 1.0
+    loss, acc = losses.disc_loss(-real, -fake)
+    assert torch.allclose(loss, torch.tensor(3.0)) and acc == 0.0
+
+
+def test_decoder_anchors_and_bp_gradients():
+    torch.manual_seed(0)
+    vq = model_vq.VQModel(model_vq.VQ_CONFIGS["VQ-tiny"])
+    ema = model_vq.VQModel(model_vq.VQ_CONFIGS["VQ-tiny"])
+    ema.load_state_dict(vq.state_dict())
+    codes = torch.randint(0, 64, (2, 64))
+    assert losses.cons_loss(vq.decode(codes), ema.decode(codes)) == 0
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert losses.rec_loss(x, x) == 0 and losses.rec_loss(x + 0.5, x) == 0.5
+    vq.requires_grad_(False)
+    for p in model_vq.decoder_parameters(vq):
+        p.requires_grad_(True)
+
+    class ToyReward:  # differentiable: mean red channel; its own parameter must get no gradient
+        name, differentiable = "toy", True
+        w = torch.ones(1, requires_grad=True)
+
+        def __call__(self, images, prompts):
+            return (self.w.detach() * images[:, 0]).mean((1, 2))
+
+    loss = losses.bp_loss(ToyReward(), vq.decode(codes.detach()), ["a", "b"])
+    loss.backward()
+    assert all(p.grad is not None for p in model_vq.decoder_parameters(vq))
+    assert vq.quantize.embedding.weight.grad is None and ToyReward.w.grad is None
+    ToyReward.differentiable = False
+    with pytest.raises(ValueError, match="lambda_bp = 0"):
+        losses.bp_loss(ToyReward(), vq.decode(codes), ["a", "b"])
+
+
+# ---------------------------------------------------------------- rewards
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+def tiny_clip(tmp_path):
+    """A tiny random open_clip model registered under the name 'tiny-clip', saved as a checkpoint."""
+    import json
+    import open_clip
+    (tmp_path / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(str(tmp_path / "tiny-clip.json"))
+    torch.manual_seed(0)
+    m = open_clip.create_model("tiny-clip")
+    torch.save({"state_dict": m.state_dict()}, tmp_path / "tiny-clip.pt")
+    return str(tmp_path / "tiny-clip.pt")
+
+
+def test_clip_reward_is_the_cosine_and_differentiable(tmp_path):
+    import open_clip
+    r = losses.Reward("clip", "tiny-clip", tiny_clip(tmp_path))
+    images = (torch.rand(2, 3, 48, 64) * 2 - 1).requires_grad_(True)
+    prompts = ["a red circle", "two blue squares"]
+    score = r(images, prompts)
+    # by hand: [0, 1], resize the short side to 32, centre-crop, normalise, encode, cosine
+    x = torch.nn.functional.interpolate((images.detach() + 1) / 2, size=(32, 43), mode="bicubic", antialias=True)[..., 5:37]
+    mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
+    x = (x - mean[:, None, None]) / std[:, None, None]
+    fi = torch.nn.functional.normalize(r.model.encode_image(x), dim=-1)
+    ft = torch.nn.functional.normalize(r.model.encode_text(open_clip.get_tokenizer("tiny-clip")(prompts)), dim=-1)
+    assert torch.allclose(score, (fi * ft).sum(-1), atol=1e-5)
+    score.sum().backward()
+    assert images.grad.abs().sum() > 0 and all(p.grad is None for p in r.model.parameters())
+    assert len(r.text_cache) == 2
+
+
+def test_hpsv2_without_checkpoint_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="HPS_v2.1_compressed.pt"):
+        losses.load_reward("hpsv2", "cpu", hps_weights=str(tmp_path / "HPS_v2.1_compressed.pt"))
+    with pytest.raises(ValueError, match="unknown reward"):
+        losses.load_reward("aesthetic", "cpu")
+
+
+def test_lpips_from_local_files(tmp_path):
+    from torchvision.models import vgg16
+    torch.manual_seed(0)
+    torch.save(vgg16().state_dict(), tmp_path / "vgg16.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate([64, 128, 256, 512, 512])},
+               tmp_path / "vgg.pth")
+    lp = losses.LPIPS(str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    d = lp(x, y)
+    assert d.shape == (2,) and (d > 0).all() and torch.allclose(lp(x, x), torch.zeros(2))

@@ -1,0 +1,240 @@
+"""RankE's objectives, one function per equation, and its reward models.
+
+  Eq. 3  L_GRPO  = -mean_{i,t} min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) + beta KL_t(pi_theta || pi_ref)
+  Eq. 4  L_dec   = lambda_bp L_BP + lambda_gan L_RankGAN + lambda_rec L_rec + lambda_cons L_cons
+  Eq. 5  L_BP    = -mean_i R(D_phi(sg(z_i)), c_i)                           (differentiable R only)
+  Eq. 6  L_RankGAN = mean_i w_i g(Disc(D_phi(z_i))),  w = N softmax(r / tau) (any R)
+  Eq. 7  L_rec   = |D_phi(q(E(x))) - x|_1 (+ LPIPS)                         (ground-truth codes)
+  Eq. 8  L_cons  = |D_phi(z_i) - D_ema(z_i)|_2^2                            (policy codes)
+
+Nothing here differentiates through sampling or quantisation: policy codes arrive as integers.
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------- Stage 1: token-level ranking
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """Eq. 3's A_i = (r_i - mean_j r_j) / (std_j r_j + eps) within each prompt's group of G rollouts
+    (rollouts of a group are contiguous). A group whose rewards are all equal gets exactly zero
+    advantages (it carries no ranking); returns (advantages, fraction of such groups)."""
+    r = rewards.float().view(-1, group_size)
+    flat = r.max(1).values == r.min(1).values
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)  # unbiased std, as TRL's GRPO
+    adv = torch.where(flat[:, None], torch.zeros_like(adv), adv)
+    return adv.view(-1), flat.float().mean().item()
+
+
+def grpo_loss(logp, logp_old, logp_ref, advantages, clip_eps=0.2, beta=0.05, n_tokens=None, entropy=None):
+    """Eq. 3, token level. logp (differentiable), logp_old (pi_old at sampling time), logp_ref: B x T;
+    advantages: B. The sum over tokens is divided by `n_tokens`: pass the active tokens of the whole
+    global batch divided by the world size, so that neither gradient accumulation nor DDP's gradient
+    averaging changes the loss (default: this batch's tokens). KL is the k3 estimator
+    q/p - log(q/p) - 1 with q = pi_ref, p = pi_theta (>= 0, unbiased for KL(pi_theta || pi_ref))."""
+    ratio = torch.exp(logp - logp_old)
+    A = advantages[:, None]
+    pg = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    log_q_p = logp_ref - logp
+    kl = torch.exp(log_q_p) - log_q_p - 1
+    n_tokens = logp.numel() if n_tokens is None else n_tokens
+    loss = (pg + beta * kl).sum() / n_tokens
+    with torch.no_grad():  # a token is clipped when the clipped branch is the one min() kept
+        clipped = ((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))
+        stats = {"clip_frac": clipped.float().mean().item(), "ratio_mean": ratio.mean().item(),
+                 "ratio_max": ratio.max().item(), "kl": kl.mean().item()}
+        if entropy is not None:
+            stats["entropy"] = entropy.float().mean().item()
+    return loss, stats
+
+
+@torch.no_grad()
+def ema_update(ema_model, model, decay):
+    """phi_ema <- decay phi_ema + (1 - decay) phi over the parameters, for pi_ref and the EMA decoder
+    alike (decay 1: a frozen copy). Neither has running statistics to follow."""
+    if decay >= 1.0:
+        return
+    for e, p in zip(ema_model.parameters(), model.parameters()):
+        e.lerp_(p.to(e.dtype), 1.0 - decay)
+
+
+# ---------------------------------------------------------------- Stage 2: pixel-level ranking
+
+
+def rank_weights(rewards, tau, group_size=None):
+    """Eq. 6's w = N softmax(r / tau), detached, mean 1 (so the expected gradient matches a plain
+    GAN). tau = inf is uniform (the "w/o ranking" ablation); tau -> 0 is hard best-of-N.
+
+    The paper is silent on the softmax's support. By default (group_size given) it runs within each
+    prompt's group of G rollouts, w = G softmax_group(r / tau): the reward-tilted posterior
+    pi(z|c) exp(R / tau) that Rank-GAN imitates (Appendix B.4) is normalised per prompt, prompts whose
+    rewards are naturally higher (CLIP's scale varies by caption) do not take the whole batch's
+    weight, and since a group never straddles ranks the weights do not change with the world size.
+    group_size=None gives the batch-wide softmax of a literal reading of Eq. 6."""
+    r = rewards.detach().float()
+    if tau == float("inf"):
+        return torch.ones_like(r)
+    r = r.view(-1, group_size) if group_size else r.view(1, -1)
+    return (r.shape[1] * torch.softmax(r / tau, dim=1)).view(-1)
+
+
+def gen_adv_loss(logits_fake, kind="hinge"):
+    """g(Disc(x)) per image: hinge -mean(D), or non-saturating mean(softplus(-D)), over the patches."""
+    per_patch = -logits_fake if kind == "hinge" else F.softplus(-logits_fake)
+    return per_patch.flatten(1).mean(1)
+
+
+def rank_gan_loss(logits_fake, weights, kind="hinge"):
+    """Eq. 6: the generator side of the GAN on policy decodings, weighted per image by rank_weights."""
+    return (weights * gen_adv_loss(logits_fake, kind)).mean()
+
+
+def disc_loss(logits_real, logits_fake):
+    """The discriminator's hinge loss against real training images (LlamaGen / taming, with its 1/2),
+    and its accuracy (real patches > 0, fake patches < 0)."""
+    loss = 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+    acc = 0.5 * ((logits_real > 0).float().mean() + (logits_fake < 0).float().mean())
+    return loss, acc.item()
+
+
+def adaptive_weight(nll_loss, g_loss, last_layer):
+    """VQGAN's adaptive GAN weight |grad nll| / (|grad g| + 1e-4) at the decoder's last layer."""
+    g_nll = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    return (g_nll.norm() / (g_adv.norm() + 1e-4)).clamp(0, 1e4).detach()
+
+
+def patchgan(in_channels=3, ndf=64, n_layers=3):
+    """The N-layer PatchGAN of pix2pix / VQGAN / LlamaGen's tokenizer training (BatchNorm, LeakyReLU
+    0.2, 4x4 convs): one logit per overlapping patch."""
+    layers, c = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
+    for n in range(1, n_layers + 1):
+        c_out = ndf * min(2 ** n, 8)
+        stride = 2 if n < n_layers else 1
+        layers += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+        c = c_out
+    layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+    d = nn.Sequential(*layers)
+    for m in d.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+    return d
+
+
+def rec_loss(recon, x, kind="l1", lpips=None, perceptual_weight=1.0):
+    """Eq. 7: the tokenizer's own loss on ground-truth codes, L1 (or L2) plus optional LPIPS."""
+    loss = F.l1_loss(recon, x) if kind == "l1" else F.mse_loss(recon, x)
+    if lpips is not None:
+        loss = loss + perceptual_weight * lpips(recon, x).mean()
+    return loss
+
+
+def cons_loss(images, ema_images):
+    """Eq. 8: MSE to the EMA decoder's images of the same policy codes (the teacher gets no gradient)."""
+    return F.mse_loss(images, ema_images.detach())
+
+
+def bp_loss(reward, images, prompts):
+    """Eq. 5: minus the differentiable reward of D_phi(sg(z)). `images` must come from decoding
+    detached policy codes; the reward model is frozen, so gradients reach the decoder only."""
+    if not reward.differentiable:
+        raise ValueError(f"L_BP needs a differentiable reward, and {reward.name} is scored as a black box: "
+                         f"set lambda_bp = 0 (Rank-GAN carries its signal to the decoder)")
+    return -reward(images, prompts).mean()
+
+
+class LPIPS(nn.Module):
+    """LPIPS (VGG16) from local files: torchvision's `vgg16-397923af.pth` and the LPIPS linear heads
+    `vgg.pth` of taming / LlamaGen (keys lin{0..4}.model.1.weight). Frozen; images in [-1, 1]."""
+    def __init__(self, vgg_path, lin_path):
+        super().__init__()
+        from torchvision.models import vgg16
+        from checkpoint import read_state_dict
+        features = vgg16().features
+        sd = read_state_dict(vgg_path)
+        features.load_state_dict({k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")})
+        self.slices = nn.ModuleList(features[a:b] for a, b in [(0, 4), (4, 9), (9, 16), (16, 23), (23, 30)])
+        lin = read_state_dict(lin_path)
+        self.lins = nn.ParameterList(nn.Parameter(lin[f"lin{i}.model.1.weight"]) for i in range(5))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[None, :, None, None])
+        for m in self.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        self.requires_grad_(False).eval()
+
+    def forward(self, x, y):
+        h = torch.cat([x, y]).sub(self.shift).div(self.scale)
+        total = 0
+        for s, w in zip(self.slices, self.lins):
+            h = s(h)
+            a, b = (f / (f.norm(dim=1, keepdim=True) + 1e-10) for f in h.chunk(2))
+            total = total + F.conv2d((a - b) ** 2, w).mean([2, 3])
+        return total.view(-1)
+
+
+# ---------------------------------------------------------------- rewards
+
+
+class Reward:
+    """R(x, c) with an open_clip model: cosine of the L2-normalised image and text features (no logit
+    scale). Images come in as B x 3 x H x W tensors in [-1, 1] and are preprocessed in torch (bicubic
+    resize of the short side, centre crop, the model's mean / std) so the score stays differentiable.
+    Text features of each prompt are computed once. CLIP score as reported = 100 x this."""
+
+    def __init__(self, name, model_name, weights, device="cpu", differentiable=True, quick_gelu=False, prefix=""):
+        import open_clip
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"{name} reward weights not found: {weights} (give a local open_clip "
+                                    f"checkpoint for {model_name}; nothing is downloaded)")
+        self.name, self.differentiable, self.prefix = name, differentiable, prefix
+        self.model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=quick_gelu, device=device)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        pp = open_clip.get_model_preprocess_cfg(self.model)
+        size = pp["size"]
+        self.size = size if isinstance(size, int) else size[0]
+        self.mean = torch.tensor(pp["mean"], device=device)[None, :, None, None]
+        self.std = torch.tensor(pp["std"], device=device)[None, :, None, None]
+        self.device, self.text_cache = device, {}
+
+    def preprocess(self, x):
+        x = (x.float() + 1) / 2
+        H, W = x.shape[-2:]
+        s = self.size / min(H, W)
+        if (H, W) != (self.size, self.size):
+            x = F.interpolate(x, size=(max(self.size, round(H * s)), max(self.size, round(W * s))),
+                              mode="bicubic", align_corners=False, antialias=True)
+            top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+            x = x[..., top:top + self.size, left:left + self.size]
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def text_features(self, prompts):
+        new = [p for p in dict.fromkeys(prompts) if p not in self.text_cache]
+        if new:
+            f = self.model.encode_text(self.tokenizer([self.prefix + p for p in new]).to(self.device))
+            self.text_cache.update(zip(new, F.normalize(f.float(), dim=-1)))
+        return torch.stack([self.text_cache[p] for p in prompts])
+
+    def __call__(self, images, prompts):
+        text = self.text_features(prompts)
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            img = F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
+            return (img * text).sum(-1)
+
+
+def load_reward(reward, device, clip_model="ViT-B-32", clip_weights="", clip_quick_gelu=True, hps_weights=""):
+    """reward = "clip" (differentiable; OpenAI weights loaded from a file need quick_gelu) or
+    "hpsv2" (ViT-H-14 with HPS_v2(.1)_compressed.pt, scored without gradients)."""
+    if reward == "clip":
+        return Reward("clip", clip_model, clip_weights, device, True, clip_quick_gelu)
+    if reward == "hpsv2":
+        return Reward("hpsv2", "ViT-H-14", hps_weights, device, False)
+    raise ValueError(f"unknown reward {reward!r}: use 'clip' or 'hpsv2'")
