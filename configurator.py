@@ -16,6 +16,11 @@ def config_keys(g):
     return {k for k, v in g.items() if not k.startswith("_") and isinstance(v, SIMPLE)}
 
 
+def defaults(module):
+    """The config block of an imported script: its simple globals."""
+    return {k: getattr(module, k) for k in config_keys(vars(module))}
+
+
 def set_key(g, keys, key, value, source):
     if key not in keys:
         raise SystemExit(f"{source}: unknown config key '{key}'. Known keys: {', '.join(sorted(keys))}")
@@ -31,7 +36,8 @@ def set_key(g, keys, key, value, source):
 
 
 def configure(g, argv=None):
-    """Apply config files and --key=value overrides to the dict of globals `g`; returns the config."""
+    """Apply config files and --key=value overrides to `g` (a script's globals() or a dict of
+    config keys, in place); returns the config as a plain dict."""
     keys = config_keys(g)
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith("--"):

@@ -109,12 +109,13 @@ def adaptive_weight(nll_loss, g_loss, last_layer):
 
 def patchgan(in_channels=3, ndf=64, n_layers=3):
     """The N-layer PatchGAN of pix2pix / VQGAN / LlamaGen's tokenizer training (BatchNorm, LeakyReLU
-    0.2, 4x4 convs): one logit per overlapping patch."""
+    0.2, 4x4 convs): one logit per overlapping patch. It only ever runs in training mode, so its
+    BatchNorm keeps no running statistics (they would differ between ranks and are never used)."""
     layers, c = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)], ndf
     for n in range(1, n_layers + 1):
         c_out = ndf * min(2 ** n, 8)
         stride = 2 if n < n_layers else 1
-        layers += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2, True)]
+        layers += [nn.Conv2d(c, c_out, 4, stride, 1, bias=False), nn.BatchNorm2d(c_out, track_running_stats=False), nn.LeakyReLU(0.2, True)]
         c = c_out
     layers.append(nn.Conv2d(c, 1, 4, 1, 1))
     d = nn.Sequential(*layers)
@@ -183,7 +184,7 @@ class LPIPS(nn.Module):
 
 
 class Reward:
-    """R(x, c) with an open_clip model: cosine of the L2-normalised image and text features (no logit
+    """R(x, c) with an open_clip model (a name, or the path of an open_clip JSON config): cosine of the L2-normalised image and text features (no logit
     scale). Images come in as B x 3 x H x W tensors in [-1, 1] and are preprocessed in torch (bicubic
     resize of the short side, centre crop, the model's mean / std) so the score stays differentiable.
     Text features of each prompt are computed once. CLIP score as reported = 100 x this."""
@@ -194,6 +195,9 @@ class Reward:
             raise FileNotFoundError(f"{name} reward weights not found: {weights} (give a local open_clip "
                                     f"checkpoint for {model_name}; nothing is downloaded)")
         self.name, self.differentiable, self.prefix = name, differentiable, prefix
+        if model_name.endswith(".json"):  # an architecture of one's own: open_clip's config format
+            open_clip.add_model_config(model_name)
+            model_name = os.path.basename(model_name)[:-len(".json")]
         self.model = open_clip.create_model(model_name, pretrained=weights, force_quick_gelu=quick_gelu, device=device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)

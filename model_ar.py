@@ -375,25 +375,38 @@ def prompt_key(prompt):
     return hashlib.sha1(prompt.encode()).hexdigest()
 
 
-def cached_t5_embed(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120,
-                    batch_size=64):
-    """t5_embed with a safetensors cache keyed by prompt (only the valid rows are stored); T5 is
-    loaded only if some prompt is missing. Returns (B x max_length x D, B x max_length)."""
+def fill_t5_cache(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120,
+                  batch_size=64):
+    """Add the T5 features of the prompts missing from a safetensors cache keyed by prompt (only the
+    valid rows are stored); T5 is loaded only if some prompt is missing."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
-    cache = load_file(cache_file) if os.path.isfile(cache_file) else {}
-    todo = sorted({p for p in prompts if prompt_key(p) not in cache})
-    if todo:
-        if t5_path is None:
-            raise FileNotFoundError(f"{len(todo)} prompts are not in {cache_file} and no t5_path was given")
-        tokenizer, encoder = load_t5(t5_path, device, dtype)
-        for i in range(0, len(todo), batch_size):
-            emb, mask = t5_embed(todo[i:i + batch_size], tokenizer, encoder, max_length)
-            for p, e, m in zip(todo[i:i + batch_size], emb, mask):
-                cache[prompt_key(p)] = e[m.bool()].cpu()
-        atomic_save(cache, cache_file)
-    feats = [cache[prompt_key(p)] for p in prompts]
-    D = feats[0].shape[-1]
-    emb = torch.zeros(len(prompts), max_length, D, dtype=feats[0].dtype)
+    have = set()
+    if os.path.isfile(cache_file):
+        with safe_open(cache_file, "pt") as f:
+            have = set(f.keys())
+    todo = sorted({p for p in prompts if prompt_key(p) not in have})
+    if not todo:
+        return
+    if t5_path is None:
+        raise FileNotFoundError(f"{len(todo)} prompts are not in {cache_file} and no t5_path was given")
+    tokenizer, encoder = load_t5(t5_path, device, dtype)
+    cache = load_file(cache_file) if have else {}
+    for i in range(0, len(todo), batch_size):
+        emb, mask = t5_embed(todo[i:i + batch_size], tokenizer, encoder, max_length)
+        for p, e, m in zip(todo[i:i + batch_size], emb, mask):
+            cache[prompt_key(p)] = e[m.bool()].cpu()
+    atomic_save(cache, cache_file)
+
+
+def cached_t5_embed(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120):
+    """t5_embed through the cache (filled first if needed); reads only these prompts' rows.
+    Returns (B x max_length x D, B x max_length) on the CPU."""
+    from safetensors import safe_open
+    fill_t5_cache(prompts, cache_file, t5_path, device, dtype, max_length)
+    with safe_open(cache_file, "pt") as f:
+        feats = [f.get_tensor(prompt_key(p)) for p in prompts]
+    emb = torch.zeros(len(prompts), max_length, feats[0].shape[-1], dtype=feats[0].dtype)
     mask = torch.zeros(len(prompts), max_length, dtype=torch.long)
     for i, f in enumerate(feats):
         if len(f):

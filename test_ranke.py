@@ -441,3 +441,171 @@ def test_lpips_from_local_files(tmp_path):
     x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
     d = lp(x, y)
     assert d.shape == (2,) and (d > 0).all() and torch.allclose(lp(x, x), torch.zeros(2))
+
+
+# ---------------------------------------------------------------- the co-evolution loop (tiny random world)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import ranke  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+WORDS = "a red blue green circle square triangle two three above below left of".split()
+
+
+def tiny_world(root):
+    """Random base models saved in the official formats, a tiny T5 and CLIP, prompts and 8 px images,
+    and a config file naming them (8 x 8 images, 4 x 4 codes)."""
+    from PIL import Image
+    root.mkdir(exist_ok=True)
+    torch.save({"model": random_gpt(std=0.1).state_dict()}, root / "gpt.pt")
+    torch.manual_seed(0)
+    torch.save({"model": model_vq.VQModel(model_vq.VQ_CONFIGS["VQ-tiny"]).state_dict()}, root / "vq.pt")
+    tiny_t5(str(root / "t5"), WORDS)
+    import open_clip
+    (root / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(str(root / "tiny-clip.json"))
+    torch.save({"state_dict": open_clip.create_model("tiny-clip").state_dict()}, root / "clip.pt")
+    prompts = [f"{n} {col} {shape}" for n in ("a", "two") for col in ("red", "blue") for shape in ("circle", "square")]
+    (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    g = torch.Generator().manual_seed(0)
+    with open(root / "pairs.jsonl", "w") as f:
+        for i, p in enumerate(prompts):
+            img = torch.randint(0, 256, (8, 8, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(img).save(root / f"img{i}.png")
+            f.write(json.dumps({"image": f"img{i}.png", "caption": p}) + "\n")
+    cfg = root / "tiny.py"
+    cfg.write_text(f"""
+gpt_model = "GPT-tiny"; gpt_ckpt = "{root}/gpt.pt"; vq_model = "VQ-tiny"; vq_ckpt = "{root}/vq.pt"
+image_size = 8; t5_path = "{root}/t5"; train_prompts = "{root}/prompts.txt"; train_pairs = "{root}/pairs.jsonl"
+reward = "clip"; clip_model = "{root}/tiny-clip.json"; clip_weights = "{root}/clip.pt"; clip_quick_gelu = False
+group_size = 4; prompts_per_step = 4; prompts_per_chunk = 1; policy_lr = 1e-3; cfg_scale = 2.0; top_p = 1.0
+decoder_batch = 4; real_batch = 2; decoder_chunks = 2; disc_ndf = 32; disc_layers = 1; decoder_lr = 1e-3; disc_lr = 1e-3
+rounds = 2; sample_every = 2; sample_prompts = 4; seed = 3
+""")
+    return str(cfg)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return tiny_world(tmp_path_factory.mktemp("world"))
+
+
+def weights(d, name):
+    return load_file(os.path.join(d, name))
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+@pytest.mark.parametrize("mode", ["ranke", "policy_only", "decoder_only"])
+def test_two_rounds_of_each_mode_write_the_round_files(world, tmp_path, mode):
+    out = str(tmp_path / mode)
+    ranke.main([world, f"--out_dir={out}", f"--mode={mode}"])
+    r0, r2 = os.path.join(out, "round_0000"), os.path.join(out, "round_0002")
+    for f in ["policy.safetensors", "policy_ref.safetensors", "decoder.safetensors", "decoder_ema.safetensors",
+              "rollouts.safetensors", "meta.json", "samples.png"]:
+        assert os.path.isfile(os.path.join(r2, f)), f
+    assert not any(d.endswith(".tmp") for d in os.listdir(out))
+    rollouts = weights(r2, "rollouts.safetensors")
+    assert rollouts["codes"].shape == (16, 16) and rollouts["logp_old"].shape == (16, 16)
+    assert rollouts["rewards"].shape == (16,) and torch.isfinite(rollouts["logp_old"]).all()
+    policy_moved = not same(weights(r0, "policy.safetensors"), weights(r2, "policy.safetensors"))
+    decoder_moved = not same(weights(r0, "decoder.safetensors"), weights(r2, "decoder.safetensors"))
+    assert policy_moved == (mode != "decoder_only") and decoder_moved == (mode != "policy_only")
+    if mode != "policy_only":
+        assert os.path.isfile(os.path.join(r2, "disc.safetensors")) and os.path.isfile(os.path.join(r2, "opt_decoder.safetensors"))
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [x["round"] for x in lines] == [1, 2] and all(x["policy_time_s"] > 0 for x in lines)
+    if mode == "ranke":
+        assert {"reward", "kl", "clip_frac", "entropy", "L_rec", "L_cons", "L_BP", "L_RankGAN", "disc_acc",
+                "policy_peak_gb", "decoder_peak_gb"} <= set(lines[-1])
+
+
+def run_script(*args, torchrun=0, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run(launcher + [os.path.join(here, "ranke.py"), *args], env=env, cwd=here,
+                          capture_output=True, text=True, **kw)
+
+
+def test_torchrun_two_ranks_equal_one_process(world, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    p1 = run_script(world, f"--out_dir={one}")
+    p2 = run_script(world, f"--out_dir={two}", torchrun=2)
+    assert p1.returncode == 0, p1.stderr[-2000:]
+    assert p2.returncode == 0, p2.stderr[-2000:]
+    for r in ("round_0001", "round_0002"):
+        a, b = (os.path.join(d, r) for d in (one, two))
+        # the same prompts, chunks and per-chunk seeds on any world size: the same rollouts
+        assert torch.equal(weights(a, "rollouts.safetensors")["codes"], weights(b, "rollouts.safetensors")["codes"])
+        # only the order of the float32 gradient sums differs (chunks per rank, then the all-reduce): about
+        # 1 ulp in each gradient, which Adam turns into parameter differences far below 1e-5
+        for f in ("policy.safetensors", "policy_ref.safetensors", "decoder.safetensors", "decoder_ema.safetensors",
+                  "disc.safetensors"):
+            wa, wb = weights(a, f), weights(b, f)
+            assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5) for k in wa), (r, f)
+
+
+def test_sigkill_in_round_two_then_resume_is_exact(world, tmp_path):
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    args = [world, "--rounds=3", "--decoder_steps=8", "--sample_every=0"]
+    assert run_script(*args, f"--out_dir={ref}").returncode == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "ranke.py", *args, f"--out_dir={out}"], env=env,
+                            cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = os.path.join(out, "round_0002.tmp", "rollouts.safetensors")  # Stage 1 done, Stage 2 running
+    import time
+    t0 = time.time()
+    while not os.path.exists(marker) and proc.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    assert os.path.exists(marker) and not os.path.exists(os.path.join(out, "round_0002"))
+    p = run_script(*args, f"--out_dir={out}")
+    assert p.returncode == 0 and "resuming from" in p.stdout and "round_0001" in p.stdout
+    for f in ("policy.safetensors", "policy_ref.safetensors", "decoder.safetensors", "decoder_ema.safetensors",
+              "disc.safetensors", "opt_policy.safetensors", "opt_decoder.safetensors", "rollouts.safetensors"):
+        assert same(weights(os.path.join(ref, "round_0003"), f), weights(os.path.join(out, "round_0003"), f)), f
+
+
+def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
+    out = tmp_path / "out"
+    cases = [(["--not_a_key=1"], "unknown config key 'not_a_key'"),
+             (["--rounds=two"], "rounds must be int"),
+             (["--group_size=3"], "group_size \\(3\\) must divide decoder_batch"),
+             (["--gpt_ckpt=/nowhere/gpt.pt"], "gpt_ckpt not found: /nowhere/gpt.pt"),
+             (["--train_prompts=/nowhere/p.txt"], "train_prompts not found"),
+             ([world], "never")]
+    bad_pairs = tmp_path / "bad.jsonl"
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad_pairs.write_text(json.dumps({"image": "broken.png", "caption": "a red circle"}) + "\n")
+    cases[-1] = ([f"--train_pairs={bad_pairs}"], "cannot open image .*broken.png")
+    for extra, message in cases:
+        with pytest.raises((SystemExit, ValueError), match=message):
+            ranke.main([world, f"--out_dir={out}", *extra])
+        assert not out.exists()
+    # a finished run is never overwritten by a start with other settings
+    ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0"])
+    before = weights(out / "round_0001", "policy.safetensors")
+    with pytest.raises(SystemExit, match="already holds a run up to round 1 with other group_size"):
+        ranke.main([world, f"--out_dir={out}", "--rounds=2", "--group_size=2", "--decoder_batch=4"])
+    assert same(before, weights(out / "round_0001", "policy.safetensors")) and not (out / "round_0002").exists()
+    # Stage 2 alone refuses another run's rollouts
+    other = tmp_path / "other"
+    ranke.main([world, f"--out_dir={other}", "--rounds=1", "--sample_every=0"])
+    import train_decoder  # noqa: F401
+    sys_argv = sys.argv
+    sys.argv = ["train_decoder.py", world, f"--rollouts={other}/round_0001/rollouts.safetensors",
+                f"--init_from={out}/round_0001", f"--out_dir={tmp_path / 'dec'}"]
+    try:
+        with pytest.raises(ValueError, match="comes from another run"):
+            ranke.decoder_only_on_file()
+    finally:
+        sys.argv = sys_argv
+    assert not (tmp_path / "dec").exists() and not (tmp_path / "dec.tmp").exists()

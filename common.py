@@ -1,0 +1,261 @@
+"""What both stages share: the run's models, data and reward (config), DDP from torchrun's
+environment, prompts and image-caption pairs, caption features, and the files of a round.
+
+A round is a folder `out_dir/round_NNNN` of plain safetensors files (policy, policy_ref, decoder,
+decoder_ema, disc, rollouts, the optimizer states) and a `meta.json`. It is written as
+`round_NNNN.tmp` and renamed when complete, so a crash at any moment leaves the last complete round
+intact. round_0000 holds the base models.
+"""
+import csv
+import hashlib
+import json
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from checkpoint import atomic_save, read_state_dict
+
+# -- config shared by train_policy.py, train_decoder.py and ranke.py (overridden the same way) --
+out_dir = "out/ranke"
+gpt_model = "GPT-XL"
+gpt_ckpt = "pretrained_models/t2i_XL_stage1_256.pt"
+vq_model = "VQ-16"
+vq_ckpt = "pretrained_models/vq_ds16_t2i.pt"
+image_size = 256
+t5_path = "pretrained_models/t5-ckpt/flan-t5-xl"
+train_prompts = "data/train_prompts.txt"  # .txt (a prompt a line), .csv / .tsv (a Prompt column) or .jsonl
+train_pairs = "data/train_pairs.jsonl"  # {"image": path, "caption": text} a line: real images for Stage 2
+reward = "clip"  # 'clip' (differentiable) | 'hpsv2' (black box)
+clip_model = "ViT-B-32"
+clip_weights = "pretrained_models/open_clip_vit_b_32_openai.pt"
+clip_quick_gelu = True  # OpenAI weights need QuickGELU
+hps_weights = "pretrained_models/HPS_v2.1_compressed.pt"
+group_size = 8  # G rollouts per prompt (Table F.1)
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32
+seed = 0
+
+
+# ---------------------------------------------------------------- DDP
+
+
+def init_dist(device):
+    """(rank, world, device) from torchrun's environment; a single process without it."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def all_reduce_grads(params, world):
+    """Average gradients over ranks in one flat all-reduce (plain DDP without the wrapper, which
+    would hide the model's attributes that the sampler reads)."""
+    if world == 1:
+        return
+    params = [p for p in params if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params]) / world
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad.copy_(g.view_as(p))
+
+
+def all_gather(t, world):
+    """Concatenate equally shaped tensors of all ranks along dim 0, rank by rank."""
+    if world == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out)
+
+
+def mean_over_ranks(stats, world, device):
+    if world == 1:
+        return stats
+    keys = sorted(stats)
+    v = torch.tensor([float(stats[k]) for k in keys], device=device, dtype=torch.float64)
+    dist.all_reduce(v)
+    return dict(zip(keys, (v / world).tolist()))
+
+
+def rng(*ints):
+    """A generator seeded by (seed, round, step, chunk, ...): the same draws on any world size."""
+    return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints).encode()).hexdigest()[:15], 16))
+
+
+def peak_memory_gb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def check_finite(loss, what, step):
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite {what} ({loss.item()}) at step {step}: stopping this stage; "
+                                 f"nothing of this round is written")
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_prompts(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    with open(path, newline="") as f:
+        if path.endswith(".jsonl"):
+            rows = [json.loads(line) for line in f if line.strip()]
+            prompts = [r.get("prompt", r.get("caption")) for r in rows]
+        elif path.endswith((".csv", ".tsv")):
+            rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+            col = next((k for k in ("Prompt", "prompt", "caption") if rows and k in rows[0]), None)
+            if col is None:
+                raise ValueError(f"{path}: no 'Prompt', 'prompt' or 'caption' column")
+            prompts = [r[col] for r in rows]
+        else:
+            prompts = [line.strip() for line in f if line.strip()]
+    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
+        raise ValueError(f"{path}: empty, or a row without a prompt")
+    return prompts
+
+
+def read_pairs(path, check_images=False):
+    """Image-caption pairs from JSONL; image paths are relative to the JSONL's folder. With
+    check_images, each image's header is read (cheap), so a file that is no image fails at start."""
+    from PIL import Image
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"training pairs file not found: {path}")
+    root, pairs = os.path.dirname(os.path.abspath(path)), []
+    with open(path) as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                r = json.loads(line)
+                if "image" not in r or "caption" not in r:
+                    raise ValueError(f"{path}:{i}: each line needs 'image' and 'caption'")
+                img = os.path.join(root, r["image"])
+                if not os.path.isfile(img):
+                    raise FileNotFoundError(f"{path}:{i}: image not found: {img}")
+                if check_images:
+                    try:
+                        Image.open(img).close()
+                    except Exception as e:
+                        raise ValueError(f"{path}:{i}: cannot open image {img}: {e}") from None
+                pairs.append((img, r["caption"]))
+    if not pairs:
+        raise ValueError(f"{path}: no pairs")
+    return pairs
+
+
+def load_image(path, size):
+    """An image as 3 x size x size in [-1, 1]: short side resized (bicubic), then centre-cropped."""
+    from PIL import Image
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot open image {path}: {e}") from None
+    s = size / min(img.size)
+    img = img.resize((max(size, round(img.width * s)), max(size, round(img.height * s))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return x.permute(2, 0, 1).float() / 127.5 - 1
+
+
+def caption_features(prompts, c, max_length):
+    """T5 features of prompts (left-padded, LlamaGen's layout), cached by prompt in out_dir."""
+    from model_ar import cached_t5_embed
+    cache = os.path.join(c.out_dir, "t5_cache.safetensors")
+    return cached_t5_embed(prompts, cache, c.t5_path, c.device, torch.float32, max_length)
+
+
+def save_grid(images, path, nrow):
+    """B x 3 x H x W in [-1, 1] -> one PNG, nrow images a row (clamp(127.5 x + 128), as LlamaGen)."""
+    from PIL import Image
+    B, _, H, W = images.shape
+    rows = (B + nrow - 1) // nrow
+    grid = torch.zeros(3, rows * H, nrow * W, dtype=torch.uint8)
+    x = (127.5 * images.float().cpu() + 128).clamp(0, 255).to(torch.uint8)
+    for i in range(B):
+        grid[:, (i // nrow) * H:(i // nrow + 1) * H, (i % nrow) * W:(i % nrow + 1) * W] = x[i]
+    tmp = path + ".tmp.png"
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the files of a round
+
+
+def round_dir(out_dir, k):
+    return os.path.join(out_dir, f"round_{k:04d}")
+
+
+def last_round(out_dir):
+    """The number of the last complete round, -1 if none."""
+    done = [int(d[6:]) for d in os.listdir(out_dir) if d.startswith("round_") and d[6:].isdigit()] \
+        if os.path.isdir(out_dir) else []
+    return max(done, default=-1)
+
+
+def begin_round(out_dir, k):
+    tmp = round_dir(out_dir, k) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed attempt left
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_round(tmp, meta):
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    os.replace(tmp, tmp[:-len(".tmp")])
+
+
+def read_meta(d):
+    with open(os.path.join(d, "meta.json")) as f:
+        return json.load(f)
+
+
+def carry_over(src_dir, dst_dir, names):
+    """Files a stage did not change this round: hard links to the previous round's (copies where
+    links are not possible), so every round folder is complete on its own."""
+    for n in names:
+        src, dst = os.path.join(src_dir, n), os.path.join(dst_dir, n)
+        if os.path.exists(src) and not os.path.exists(dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+def save_model(model, path):
+    atomic_save({k: v for k, v in model.state_dict().items()}, path)
+
+
+def save_optimizer(opt, path):
+    """AdamW state as safetensors (param index . step / exp_avg / exp_avg_sq), so a resumed run
+    continues exactly; the hyper-parameters come from the config."""
+    state = opt.state_dict()["state"]
+    atomic_save({f"{i}.{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}, path)
+
+
+def load_optimizer(opt, path):
+    if not os.path.isfile(path):
+        return
+    flat, state = read_state_dict(path), {}
+    for key, v in flat.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def set_seed(s):
+    random.seed(s)
+    torch.manual_seed(s)
