@@ -25,6 +25,11 @@ def set_key(g, keys, key, value, source):
     if key not in keys:
         raise SystemExit(f"{source}: unknown config key '{key}'. Known keys: {', '.join(sorted(keys))}")
     old = g[key]
+    if type(old) is float and isinstance(value, str):
+        try:
+            value = float(value)  # inf, nan
+        except ValueError:
+            pass
     if old is not None and value is not None:
         ok = type(value) is type(old) or (type(old) is float and type(value) is int) \
             or (isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)))
@@ -43,8 +48,8 @@ def configure(g, argv=None):
         if not arg.startswith("--"):
             file_vars = {}
             try:
-                with open(arg) as f:
-                    exec(f.read(), {}, file_vars)
+                with open(arg) as f:  # __file__ lets a preset build on another beside it
+                    exec(f.read(), {"__file__": arg}, file_vars)
             except FileNotFoundError:
                 raise SystemExit(f"config file not found: {arg}") from None
             for k, v in file_vars.items():

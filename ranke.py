@@ -38,7 +38,10 @@ decoder_steps = 1  # decoder steps per round
 sample_every = 5  # rounds between sample grids (round 0 too); 0 = never
 sample_prompts = 8  # the first N training prompts, fixed seed
 resume = True  # continue from the last complete round in out_dir
-LOOP_KEYS = ("mode", "rounds", "policy_steps", "decoder_steps", "sample_every", "sample_prompts", "resume")
+keep_last = 2  # complete rounds kept on disk (a GPT-XL round with optimizer states is ~13 GB) ...
+keep_every = 10  # ... besides round 0 and every keep_every-th, for evaluation
+LOOP_KEYS = ("mode", "rounds", "policy_steps", "decoder_steps", "sample_every", "sample_prompts", "resume",
+             "keep_last", "keep_every")
 
 ROUND_FILES = ["policy.safetensors", "policy_ref.safetensors", "opt_policy.safetensors", "decoder.safetensors",
                "decoder_ema.safetensors", "disc.safetensors", "opt_decoder.safetensors", "opt_disc.safetensors"]
@@ -173,6 +176,9 @@ def main(argv=None, **forced):
             with open(os.path.join(c.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"round": rnd, "time": time.time(), **m}) + "\n")
             print(log_line(rnd, m), flush=True)
+            old = rnd - c.keep_last
+            if old > 0 and old % c.keep_every:
+                shutil.rmtree(round_dir(c.out_dir, old), ignore_errors=True)
         barrier(world)
     if world > 1:
         dist.destroy_process_group()

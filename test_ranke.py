@@ -609,3 +609,16 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
     finally:
         sys.argv = sys_argv
     assert not (tmp_path / "dec").exists() and not (tmp_path / "dec.tmp").exists()
+
+
+def test_configurator():
+    from configurator import configure
+    g = {"tau": 0.1, "rounds": 10, "mode": "ranke", "betas": (0.5, 0.9), "path": None}
+    configure(g, ["--tau=inf", "--rounds=3", "--mode=policy_only", "--betas=(0.9, 0.99)", "--path=/x"])
+    assert g == {"tau": float("inf"), "rounds": 3, "mode": "policy_only", "betas": (0.9, 0.99), "path": "/x"}
+    configure(g, ["--tau=1"])  # an int for a float key is fine
+    assert g["tau"] == 1.0 and type(g["tau"]) is float
+    for bad, msg in [("--rounds=1.5", "rounds must be int"), ("--tau=high", "tau must be float"),
+                     ("--nope=1", "unknown config key 'nope'"), ("--rounds", "--key=value"), ("missing.py", "not found")]:
+        with pytest.raises(SystemExit, match=msg):
+            configure(g, [bad])
