@@ -18,21 +18,23 @@ import torch.distributed as dist
 
 from checkpoint import atomic_save, read_state_dict
 
-# -- config shared by train_policy.py, train_decoder.py and ranke.py (overridden the same way) --
+# -- config shared by train_policy.py, train_decoder.py and ranke.py (overridden the same way).
+#    The defaults are the embedded shapes world; config/llamagen_xl_*.py set the real models. --
 out_dir = "out/ranke"
-gpt_model = "GPT-XL"
-gpt_ckpt = "pretrained_models/t2i_XL_stage1_256.pt"
-vq_model = "VQ-16"
-vq_ckpt = "pretrained_models/vq_ds16_t2i.pt"
-image_size = 256
-t5_path = "pretrained_models/t5-ckpt/flan-t5-xl"
-train_prompts = "data/train_prompts.txt"  # .txt (a prompt a line), .csv / .tsv (a Prompt column) or .jsonl
-train_pairs = "data/train_pairs.jsonl"  # {"image": path, "caption": text} a line: real images for Stage 2
+prepare = "data/shapes/prepare.py --out=out/shapes"  # run first (with this Python) to build what is missing; "" = none
+gpt_model = "GPT-micro"
+gpt_ckpt = "out/shapes/gpt.pt"
+vq_model = "VQ-micro"
+vq_ckpt = "out/shapes/vq.pt"
+image_size = 32
+t5_path = "out/shapes/t5"
+train_prompts = "out/shapes/prompts_train.txt"  # .txt (a prompt a line), .csv / .tsv (a Prompt column) or .jsonl
+train_pairs = "out/shapes/pairs.jsonl"  # {"image": path, "caption": text} a line: real images for Stage 2
 reward = "clip"  # 'clip' (differentiable) | 'hpsv2' (black box)
-clip_model = "ViT-B-32"
-clip_weights = "pretrained_models/open_clip_vit_b_32_openai.pt"
-clip_quick_gelu = True  # OpenAI weights need QuickGELU
-hps_weights = "pretrained_models/HPS_v2.1_compressed.pt"
+clip_model = "out/shapes/clip.json"  # an open_clip model name, or the path of an open_clip JSON config
+clip_weights = "out/shapes/clip.pt"
+clip_quick_gelu = False  # True for OpenAI's weights
+hps_weights = ""
 group_size = 8  # G rollouts per prompt (Table F.1)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32

@@ -63,5 +63,7 @@ def configure(g, argv=None):
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text  # a bare string, e.g. --device=cuda
+        if isinstance(g.get(key), str):
+            value = text  # a string key takes the text as written: --eval_rounds=0,5
         set_key(g, keys, key, value, arg)
     return {k: g[k] for k in sorted(keys)}

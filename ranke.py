@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 import common
+import eval as evaluation
 import train_decoder
 import train_policy
 from common import (caption_features, carry_over, commit_round, init_dist, last_round, read_meta, read_prompts,
@@ -33,15 +34,16 @@ from model_vq import VQ_CONFIGS, load_decoder, load_vq, save_decoder
 #    train_decoder.py and common.py, and are set the same way (a config file, --key=value). --
 mode = "ranke"  # 'ranke' | 'policy_only' (the paper's Std. RL) | 'decoder_only'
 rounds = 10
-policy_steps = 1  # GRPO steps per round
-decoder_steps = 1  # decoder steps per round
+policy_steps = 3  # GRPO steps per round
+decoder_steps = 3  # decoder steps per round
 sample_every = 5  # rounds between sample grids (round 0 too); 0 = never
 sample_prompts = 8  # the first N training prompts, fixed seed
 resume = True  # continue from the last complete round in out_dir
 keep_last = 2  # complete rounds kept on disk (a GPT-XL round with optimizer states is ~13 GB) ...
 keep_every = 10  # ... besides round 0 and every keep_every-th, for evaluation
+eval_every = 5  # eval.py's metrics on round 0, every eval_every rounds and the last; 0 = off
 LOOP_KEYS = ("mode", "rounds", "policy_steps", "decoder_steps", "sample_every", "sample_prompts", "resume",
-             "keep_last", "keep_every")
+             "keep_last", "keep_every", "eval_every")
 
 ROUND_FILES = ["policy.safetensors", "policy_ref.safetensors", "opt_policy.safetensors", "decoder.safetensors",
                "decoder_ema.safetensors", "disc.safetensors", "opt_decoder.safetensors", "opt_disc.safetensors"]
@@ -50,6 +52,7 @@ COMPATIBLE = ("gpt_model", "vq_model", "image_size", "group_size", "seed", "mode
 
 def config(argv=None, **forced):
     cfg = {**defaults(common), **defaults(train_policy), **defaults(train_decoder),
+           **{k: v for k, v in defaults(evaluation).items() if k.startswith("eval_") or k in ("feature_net", "feature_size", "kl_smoothing", "grid_prompts")},
            **{k: globals()[k] for k in LOOP_KEYS}}
     configure(cfg, argv)
     cfg.update(forced)
@@ -126,9 +129,32 @@ def barrier(world):
         dist.barrier()
 
 
+def prepare_world(c, rank, world):
+    """Run the `prepare` command (rank 0) that builds a world's base models and data when missing."""
+    if c.prepare and rank == 0:
+        import shlex
+        import subprocess
+        import sys
+        here = os.path.dirname(os.path.abspath(__file__))
+        script, *args = shlex.split(c.prepare)
+        if subprocess.run([sys.executable, os.path.join(here, script), *args]).returncode:
+            raise SystemExit(f"prepare failed: {c.prepare}")
+    barrier(world)
+
+
+def evaluate(c, rnd, rank, world):
+    m = evaluation.evaluate_round(c, c, round_dir(c.out_dir, rnd), rank, world)
+    if rank == 0:
+        print(f"eval round {rnd} | " + " | ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
+        with open(os.path.join(c.out_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"round": rnd, "eval": m}) + "\n")
+    return m
+
+
 def main(argv=None, **forced):
     c = config(argv, **forced)
     rank, world, c.device = init_dist(c.device)
+    prepare_world(c, rank, world)
     validate(c, world)
     start = last_round(c.out_dir)
     if start >= 0:
@@ -153,6 +179,9 @@ def main(argv=None, **forced):
         if c.sample_every and start == 0 and not os.path.exists(os.path.join(round_dir(c.out_dir, 0), "samples.png")):
             sample_grid(c, round_dir(c.out_dir, 0), os.path.join(round_dir(c.out_dir, 0), "samples.png"))
     barrier(world)
+    evals = {}
+    if c.eval_every and start == 0:
+        evals[0] = evaluate(c, 0, rank, world)
     for rnd in range(start + 1, c.rounds + 1):
         prev = round_dir(c.out_dir, rnd - 1)
         cur = round_dir(c.out_dir, rnd) + ".tmp"
@@ -180,6 +209,12 @@ def main(argv=None, **forced):
             if old > 0 and old % c.keep_every:
                 shutil.rmtree(round_dir(c.out_dir, old), ignore_errors=True)
         barrier(world)
+        if c.eval_every and (rnd % c.eval_every == 0 or rnd == c.rounds):
+            evals[rnd] = evaluate(c, rnd, rank, world)
+    if rank == 0 and len(evals) > 1:
+        first, last = min(evals), max(evals)
+        print(f"\nbefore (round {first}) and after (round {last}) on the evaluation prompts:")
+        print(evaluation.table({c.out_dir: {first: evals[first], last: evals[last]}}))
     if world > 1:
         dist.destroy_process_group()
     return c

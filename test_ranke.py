@@ -1,5 +1,6 @@
 """RankE's tests: fast on 2 CPU cores, tiny random configs, real assertions. Run: python -m pytest -q"""
 import argparse
+import math
 
 import pytest
 import torch
@@ -484,7 +485,8 @@ image_size = 8; t5_path = "{root}/t5"; train_prompts = "{root}/prompts.txt"; tra
 reward = "clip"; clip_model = "{root}/tiny-clip.json"; clip_weights = "{root}/clip.pt"; clip_quick_gelu = False
 group_size = 4; prompts_per_step = 4; prompts_per_chunk = 1; policy_lr = 1e-3; cfg_scale = 2.0; top_p = 1.0
 decoder_batch = 4; real_batch = 2; decoder_chunks = 2; disc_ndf = 32; disc_layers = 1; decoder_lr = 1e-3; disc_lr = 1e-3
-rounds = 2; sample_every = 2; sample_prompts = 4; seed = 3
+rounds = 2; policy_steps = 1; decoder_steps = 1; sample_every = 2; sample_prompts = 4; seed = 3; prepare = ""
+eval_every = 0
 """)
     return str(cfg)
 
@@ -622,3 +624,118 @@ def test_configurator():
                      ("--nope=1", "unknown config key 'nope'"), ("--rounds", "--key=value"), ("missing.py", "not found")]:
         with pytest.raises(SystemExit, match=msg):
             configure(g, [bad])
+
+
+# ---------------------------------------------------------------- eval.py
+
+import eval as evaluation  # noqa: E402
+
+
+def test_frechet_distance_closed_forms():
+    torch.manual_seed(0)
+    x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    mu, s = evaluation.gaussian(x)
+    assert abs(evaluation.frechet(mu, s, mu, s)) < 1e-8  # a set with itself
+    # diagonal covariances: |mu1 - mu2|^2 + sum(s1 + s2 - 2 sqrt(s1 s2))
+    m1, m2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    d1, d2 = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64), torch.tensor([4.0, 1.0, 1.0], dtype=torch.float64)
+    want = 5.0 + (d1 + d2 - 2 * (d1 * d2).sqrt()).sum().item()
+    assert abs(evaluation.frechet(m1, torch.diag(d1), m2, torch.diag(d2)) - want) < 1e-9
+    # S2 = k S1 (full, non-diagonal): Tr(S1 + k S1 - 2 sqrt(k) S1) = (1 - sqrt(k))^2 Tr(S1)
+    assert abs(evaluation.frechet(mu, s, mu, 4 * s) - s.trace().item()) < 1e-8
+
+
+def test_code_kl_and_entropy_are_exact():
+    assert evaluation.entropy_bits(torch.tensor([2.0, 2.0, 0.0, 0.0])) == 1.0
+    assert abs(evaluation.entropy_bits(torch.ones(512)) - 9.0) < 1e-12
+    p, q = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 3.0])
+    assert abs(evaluation.code_kl(p, q, alpha=0) - (0.5 * 1 + 0.5 * math.log2(2 / 3))) < 1e-12
+    # add-alpha smoothing: p = [1.5, 1.5] / 3, q = [1.5, 3.5] / 5
+    want = 0.5 * math.log2(0.5 / 0.3) + 0.5 * math.log2(0.5 / 0.7)
+    assert abs(evaluation.code_kl(p, q, alpha=0.5) - want) < 1e-12
+    assert evaluation.code_kl(q, q) == 0
+    codes = torch.tensor([[0, 1, 1], [3, 3, 3]])
+    assert evaluation.code_histogram(codes, 5).tolist() == [1, 2, 0, 3, 0]
+
+
+def test_resumed_generation_skips_what_exists_and_is_the_same(world, tmp_path):
+    out = str(tmp_path / "run")
+    ranke.main([world, f"--out_dir={out}", "--rounds=0", "--sample_every=0"])
+    c = ranke.config([world, f"--out_dir={out}", "--eval_batch_size=3", "--eval_n_per_prompt=2", "--eval_top_k=10"])
+    c.device = "cpu"
+    prompts = read_prompts_of(c)
+    d = os.path.join(out, "round_0000")
+    gen = os.path.join(d, "gen")
+    evaluation.generate_images(c, c, d, prompts, gen)
+    files = sorted(os.listdir(gen))
+    first = {f: open(os.path.join(gen, f), "rb").read() for f in files if f.endswith(".png")}
+    assert len(first) == 2 * len(prompts)
+    stamp = os.path.getmtime(os.path.join(gen, "000000.png"))
+    for f in ("000004.png", "000005.png", os.path.join("codes", "000001.safetensors")):
+        os.remove(os.path.join(gen, f))  # batch 1 lost: it is made again, the others are kept
+    evaluation.generate_images(c, c, d, prompts, gen)
+    assert os.path.getmtime(os.path.join(gen, "000000.png")) == stamp
+    assert {f: open(os.path.join(gen, f), "rb").read() for f in first} == first
+    codes, ids, paths = evaluation.read_generated(gen)
+    assert len(paths) == len(codes) and codes.shape == (2 * len(prompts), 16) and ids.tolist() == sorted(list(range(len(prompts))) * 2)
+
+
+def read_prompts_of(c):
+    from common import read_prompts
+    return read_prompts(c.train_prompts)
+
+
+# ---------------------------------------------------------------- the shapes world
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes"))
+import world as shapes_world  # noqa: E402
+
+
+def test_world_is_deterministic_with_unseen_compositions():
+    import random
+    a, b = shapes_world.split(0), shapes_world.split(0)
+    assert [s["prompt"] for s in a[0] + a[1]] == [s["prompt"] for s in b[0] + b[1]]
+    spec = a[1][0]
+    img1, img2 = shapes_world.render(spec, random.Random(7)), shapes_world.render(spec, random.Random(7))
+    assert img1.shape == (32, 32, 3) and (img1 == img2).all()
+    assert not (img1 == shapes_world.render(spec, random.Random(8))).all()
+    train_pairs = {tuple(map(tuple, s["objects"])) for s in a[0] if s["kind"] == "pair"}
+    held_pairs = [s for s in a[1] if s["kind"] == "pair"]
+    assert held_pairs and all(tuple(map(tuple, s["objects"])) not in train_pairs for s in held_pairs)
+    # the spec says what a correct image holds: the world's own renders are correct by construction
+    assert all(shapes_world.correct(s, shapes_world.labels(s)) for s in a[0][:50])
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """The world prepared in its quick form (a few steps of each model) -- the CI smoke world."""
+    import prepare
+    out = str(tmp_path_factory.mktemp("shapes"))
+    prepare.prepare(out, quick=True)
+    return out
+
+
+def shapes_args(world_dir, out, *extra):
+    return [f"--out_dir={out}", "--prepare=", f"--gpt_ckpt={world_dir}/gpt.pt", f"--vq_ckpt={world_dir}/vq.pt",
+            f"--t5_path={world_dir}/t5", f"--train_prompts={world_dir}/prompts_train.txt",
+            f"--train_pairs={world_dir}/pairs.jsonl", f"--clip_model={world_dir}/clip.json",
+            f"--clip_weights={world_dir}/clip.pt", f"--eval_prompts={world_dir}/prompts_heldout.txt",
+            f"--eval_pairs={world_dir}/heldout_pairs.jsonl", f"--eval_specs={world_dir}/specs.json",
+            f"--feature_net={world_dir}/features.pt", "--eval_n_per_prompt=1", *extra]
+
+
+def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    ranke.main(shapes_args(shapes, out, "--rounds=2", "--policy_steps=1", "--decoder_steps=1", "--eval_every=2"))
+    printed = capsys.readouterr().out
+    assert "before (round 0) and after (round 2)" in printed
+    for key in ("CLIP", "FD", "GenEval", "code_KL", "code_entropy", "code_KL_real_floor"):
+        assert key in printed
+    m = json.load(open(os.path.join(out, "round_0002", "eval.json")))
+    assert 0 <= m["GenEval"] <= 1 and m["code_entropy"] <= 8 and m["code_KL"] >= 0 and math.isfinite(m["FD"])
+    assert os.path.isfile(os.path.join(out, "round_0002", "eval_grid.png"))
+    results = evaluation.main([f"--run={out}", "--eval_rounds=0,2", "--eval_n_per_prompt=1",
+                               f"--eval_prompts={shapes}/prompts_heldout.txt", f"--eval_pairs={shapes}/heldout_pairs.jsonl",
+                               f"--eval_specs={shapes}/specs.json", f"--feature_net={shapes}/features.pt"])
+    assert results[out][2]["FD"] == m["FD"]  # eval.py reuses the images ranke.py generated
+    assert os.path.isfile(os.path.join(out, "eval_table.md")) and os.path.isfile(os.path.join(out, "eval_curves.png"))

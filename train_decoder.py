@@ -27,21 +27,22 @@ from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_u
                     patchgan, rank_gan_loss, rank_weights, rec_loss)
 from model_vq import decoder_parameters, load_decoder, load_vq, save_decoder
 
-# -- config: Table F.1; (r) marks a value the paper lost and NOTES.md reconstructs --
-decoder_lr = 1e-5  # (r)
+# -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
+#    marks (r) those the paper lost and NOTES.md reconstructs. --
+decoder_lr = 3e-5  # LlamaGen-XL: 1e-5 (r); 1e-4 lets the shapes decoder drift (L_rec doubles)
 decoder_weight_decay = 0.05
 decoder_betas = (0.5, 0.9)
-disc_lr = 1e-5  # (r)
+disc_lr = 3e-5  # LlamaGen-XL: 1e-5 (r)
 disc_ndf = 64
 disc_layers = 3
 disc_start = 0  # decoder steps (over the whole run) before the GAN terms turn on
 disc_adaptive_weight = False  # VQGAN's |grad L_rec| / |grad L_gan| at the last layer (LlamaGen: off)
 gen_loss = "hinge"  # generator side of the GAN: 'hinge' | 'non_saturating'
-lambda_bp = 0.1  # (r) Eq. 5; 0 for a black-box reward
-lambda_gan = 0.5  # (r) Eq. 6
-lambda_rec = 1.0  # (r) Eq. 7
-lambda_cons = 1.0  # (r) Eq. 8 (10 drifts, 50 collapses the decoder)
-tau = 0.1  # Eq. 6 temperature; float('inf') = uniform GAN, small = hard best-of-N
+lambda_bp = 0.1  # Eq. 5 (r); 0 for a black-box reward
+lambda_gan = 0.5  # Eq. 6 (r)
+lambda_rec = 1.0  # Eq. 7 (r)
+lambda_cons = 1.0  # Eq. 8 (r); 10 drifts, 50 collapses the decoder
+tau = 0.1  # Eq. 6 temperature; inf = uniform GAN, small = hard best-of-N
 rank_softmax = "group"  # 'group': w = G softmax within each prompt's group | 'batch': over the chunk
 ema_decay = 0.999
 rec_kind = "l1"  # 'l1' | 'l2'
@@ -50,7 +51,7 @@ lpips_vgg = ""  # torchvision vgg16-397923af.pth; with lpips_lin, turns LPIPS on
 lpips_lin = ""  # LPIPS heads vgg.pth (taming / LlamaGen)
 decoder_batch = 16  # rollouts per forward pass on a rank (whole groups)
 real_batch = 8  # real images per forward pass on a rank
-decoder_chunks = 2  # forward passes per optimizer step, over all ranks (the world must divide it)
+decoder_chunks = 1  # forward passes per optimizer step, over all ranks (the world must divide it)
 decoder_grad_clip = 1.0
 rollouts = ""  # standalone: the rollouts file to train on
 init_from = ""  # standalone: the round folder to start from

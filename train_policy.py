@@ -23,17 +23,18 @@ from losses import ema_update, group_advantages, grpo_loss, load_reward
 from model_ar import generate, load_gpt, token_logprobs
 from model_vq import load_decoder, load_vq
 
-# -- config: Table F.1; (r) marks a value the paper lost and NOTES.md reconstructs --
-policy_lr = 1e-6  # (r) "~1e-6..1e-5"
+# -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
+#    marks (r) those the paper lost and NOTES.md reconstructs. --
+policy_lr = 5e-5  # LlamaGen-XL: 1e-6 (r)
 policy_weight_decay = 0.01
 policy_betas = (0.9, 0.999)
-prompts_per_step = 16  # global batch of prompts per GRPO step, each with group_size rollouts
-prompts_per_chunk = 2  # prompts per forward pass on a rank; fixes how the batch is split and seeded
+prompts_per_step = 8  # global batch of prompts per GRPO step, each with group_size rollouts
+prompts_per_chunk = 4  # prompts per forward pass on a rank; fixes how the batch is split and seeded
 ppo_epochs = 2  # clipped updates per rollout batch (with one, the ratio is always 1 and clip never acts)
 clip_eps = 0.2
 beta = 0.05  # KL coefficient
-ref_decay = 0.99  # (r) EMA decay of pi_ref per update; 1.0 = a frozen reference
-cfg_scale = 7.5  # (r) CFG during rollouts (LlamaGen's default)
+ref_decay = 0.99  # EMA decay of pi_ref per update (r); 1.0 = a frozen reference
+cfg_scale = 4.0  # CFG during rollouts; LlamaGen-XL: 7.5 (r)
 temperature = 1.0
 top_k = 0
 top_p = 0.9

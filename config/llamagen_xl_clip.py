@@ -3,6 +3,7 @@
 # Std. RL baseline:  add --mode=policy_only --out_dir=out/llamagen_xl_clip_std_rl
 # Values are Table F.1's; (r) marks a reconstruction (the paper's number was lost in conversion).
 out_dir = "out/llamagen_xl_clip"
+prepare = ""  # the official checkpoints are given, nothing to build
 gpt_model = "GPT-XL"
 gpt_ckpt = "pretrained_models/t2i_XL_stage1_256.pt"
 vq_model = "VQ-16"
@@ -53,3 +54,4 @@ rounds = 600  # (r) how the 6k steps split into rounds
 policy_steps = 10
 decoder_steps = 10
 sample_every = 20
+eval_every = 0  # COCO-30K is its own job: eval.py config/eval_coco.py

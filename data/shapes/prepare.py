@@ -1,0 +1,243 @@
+"""Prepare the shapes world: its data and its base models, each of the same class as the real path,
+pretrained here on 2 CPU cores in a few minutes, and saved in the formats the real files come in.
+
+  vq.pt          VQModel "VQ-micro" (32 x 32 px -> 8 x 8 codes), reconstruction + codebook + commitment
+  t5/            T5EncoderModel (tiny, random: a frozen text encoder) and a word-level tokenizer
+  gpt.pt         GPT "GPT-micro", next-token prediction on the world's codes, captions dropped 10%
+  clip.json/.pt  an open_clip CLIP (tiny), contrastive on the world's pairs: the reward
+  features.pt    an independent network (TorchScript, the Inception of the world) trained to count
+                 the objects in an image: its features give the FD analogue
+  prompts_train.txt, prompts_heldout.txt, specs.json, pairs.jsonl, heldout_pairs.jsonl, images/
+
+    python data/shapes/prepare.py [--out=out/shapes] [--quick]
+"""
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
+import world  # noqa: E402
+from model_ar import GPT, cached_t5_embed, gpt_config  # noqa: E402
+from model_vq import VQ_CONFIGS, VQModel  # noqa: E402
+
+CLIP_CONFIG = {"embed_dim": 64, "quick_gelu": False,
+               "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "head_width": 32, "patch_size": 4},
+               "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
+STEPS = {"vq": 300, "gpt": 400, "clip": 150, "features": 200}
+RENDERS_PER_PROMPT = 6  # the GPT's training set: this many renders of each training prompt, encoded once
+
+
+def images_of(specs, rng):
+    """Render specs -> B x 3 x 32 x 32 in [-1, 1]."""
+    x = np.stack([world.render(s, rng) for s in specs])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def lr_at(step, total, lr):
+    return lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def bar(it, desc):
+    from tqdm import tqdm
+    return tqdm(it, desc=desc, leave=False)
+
+
+def train_vq(train, steps, rng):
+    """The tokenizer's losses (L1 + L2 reconstruction, codebook, commitment 0.25) with the
+    straight-through estimator. For the first 80 steps, codes unused for 20 steps restart at latents
+    of the batch (without it most of the codebook dies and the world is drawn with a dozen codes)."""
+    torch.manual_seed(0)
+    vq = VQModel(VQ_CONFIGS["VQ-micro"])
+    opt = torch.optim.Adam(vq.parameters(), 2e-3, betas=(0.5, 0.9))
+    usage = torch.zeros(vq.config.codebook_size)
+    for step in bar(range(steps), "VQ tokenizer"):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 2e-3)
+        x = images_of(rng.choices(train, k=16), rng)
+        z = F.normalize(vq.encode_latent(x).permute(0, 2, 3, 1), dim=-1)  # B h w D on the sphere
+        flat = z.reshape(-1, z.shape[-1])
+        codes = vq.quantize.nearest(flat).view(z.shape[:3])
+        usage += torch.bincount(codes.flatten(), minlength=len(usage))
+        if step % 20 == 19 and step < 80:
+            dead = (usage == 0).nonzero().flatten()
+            with torch.no_grad():
+                vq.quantize.embedding.weight[dead] = flat[torch.randint(len(flat), (len(dead),))].detach()
+            usage.zero_()
+        e = vq.quantize.codebook()[codes]
+        zq = z + (e - z).detach()  # straight-through
+        rec = vq.decode_latent(zq.permute(0, 3, 1, 2))
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + F.mse_loss(e, z.detach()) + 0.25 * F.mse_loss(z, e.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return vq.eval()
+
+
+def tiny_t5(path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(world.WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=len(vocab), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+    T5EncoderModel(cfg).save_pretrained(path)
+
+
+def train_gpt(vq, train, cache, t5_path, steps, rng, renders):
+    """Next-token prediction on the codes of `renders` renders of each training prompt (encoded
+    once), 10% of captions replaced by the null caption so that CFG works (as LlamaGen trains)."""
+    torch.manual_seed(0)
+    gpt = GPT(gpt_config("GPT-micro"))
+    C = gpt.config.cls_token_num
+    cond, mask = cached_t5_embed([s["prompt"] for s in train], cache, t5_path, max_length=C)
+    ids = torch.arange(len(train)).repeat(renders)
+    with torch.no_grad():
+        codes = torch.cat([vq.encode(images_of([train[i] for i in ids[k:k + 256]], rng)) for k in range(0, len(ids), 256)])
+    opt = torch.optim.AdamW(gpt.parameters(), 3e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    g = torch.Generator().manual_seed(0)
+    for step in bar(range(steps), "GPT policy"):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 3e-3)
+        b = torch.randint(len(ids), (64,), generator=g)
+        logits = gpt(codes[b], cond[ids[b]], mask[ids[b]], uncond=torch.rand(64, generator=g) < 0.1)
+        loss = F.cross_entropy(logits.flatten(0, 1), codes[b].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
+        opt.step()
+    return gpt.eval(), loss.item()
+
+
+def train_clip(out, train, steps, rng):
+    import open_clip
+    with open(os.path.join(out, "clip.json"), "w") as f:
+        json.dump(CLIP_CONFIG, f)
+    open_clip.add_model_config(os.path.join(out, "clip.json"))
+    torch.manual_seed(0)
+    model = open_clip.create_model("clip")
+    tok = open_clip.get_tokenizer("clip")
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.1)
+    for step in bar(range(steps), "CLIP reward"):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 1e-3)
+        # distinct prompts in a batch, so each image has one right caption
+        specs = rng.sample(train, 96)
+        x = ((images_of(specs, rng) + 1) / 2 - mean) / std
+        fi = F.normalize(model.encode_image(x), dim=-1)
+        ft = F.normalize(model.encode_text(tok([s["prompt"] for s in specs])), dim=-1)
+        logits = model.logit_scale.exp() * fi @ ft.t()
+        labels = torch.arange(len(specs))
+        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    torch.save({"state_dict": model.state_dict()}, os.path.join(out, "clip.pt"))
+    return loss.item()
+
+
+class Features(nn.Module):
+    """The world's Inception: a small CNN trained to count each of the 15 kinds of object (0, 1, 2);
+    its pooled features give the FD analogue. forward(x in [0, 255], return_features) follows
+    clean-fid's TorchScript Inception call. (Micro GenEval reads images by rule: world.detect.)"""
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
+                                 nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(128, len(world.OBJECTS) * 3)
+
+    def forward(self, x, return_features: bool = True):
+        f = self.net(x / 127.5 - 1)
+        return f if return_features else self.head(f)
+
+
+def train_features(train, steps, rng):
+    torch.manual_seed(0)
+    net = Features()
+    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    for step in bar(range(steps), "feature network"):
+        specs = rng.choices(train, k=64)
+        x = (images_of(specs, rng) + 1) * 127.5
+        y = torch.tensor([world.labels(s) for s in specs])
+        loss = F.cross_entropy(net(x, False).view(-1, 3), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def save_pairs(specs, rng, out, name, copies):
+    from PIL import Image
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    with open(os.path.join(out, name + ".tmp"), "w") as f:
+        for k in range(copies):
+            for i, s in enumerate(specs):
+                path = f"images/{name.split('.')[0]}_{k}_{i}.png"
+                Image.fromarray(world.render(s, rng)).save(os.path.join(out, path))
+                f.write(json.dumps({"image": path, "caption": s["prompt"]}) + "\n")
+    os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+
+
+def prepare(out="out/shapes", quick=False, seed=0):
+    """Build the world in `out` unless it is there already (READY marks a complete preparation)."""
+    if os.path.isfile(os.path.join(out, "READY")):
+        print(f"the shapes world is prepared already in {out}: reusing it")
+        return
+    os.makedirs(out, exist_ok=True)
+    steps = {k: (4 if quick else v) for k, v in STEPS.items()}
+    times, t0 = {}, time.time()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    train, held = world.split(seed)
+    rng = random.Random(seed)
+    with open(os.path.join(out, "prompts_train.txt"), "w") as f:
+        f.write("\n".join(s["prompt"] for s in train) + "\n")
+    with open(os.path.join(out, "prompts_heldout.txt"), "w") as f:
+        f.write("\n".join(s["prompt"] for s in held) + "\n")
+    with open(os.path.join(out, "specs.json"), "w") as f:
+        json.dump({s["prompt"]: s for s in world.all_specs()}, f)
+    save_pairs(train, rng, out, "pairs.jsonl", 1)  # real images for Stage 2
+    save_pairs(held, rng, out, "heldout_pairs.jsonl", 4)  # real images of held-out prompts for eval
+    times["data"] = time.time() - t0
+    t = time.time()
+    tiny_t5(os.path.join(out, "t5"))
+    vq = train_vq(train, steps["vq"], rng)
+    torch.save({"model": vq.state_dict()}, os.path.join(out, "vq.pt"))
+    times["vq"] = time.time() - t
+    t = time.time()
+    gpt, gpt_loss = train_gpt(vq, train, os.path.join(out, "t5_cache.safetensors"), os.path.join(out, "t5"),
+                              steps["gpt"], rng, 1 if quick else RENDERS_PER_PROMPT)
+    torch.save({"model": gpt.state_dict()}, os.path.join(out, "gpt.pt"))
+    times["gpt"] = time.time() - t
+    t = time.time()
+    clip_loss = train_clip(out, train, steps["clip"], rng)
+    times["clip"] = time.time() - t
+    t = time.time()
+    torch.jit.save(torch.jit.script(train_features(train, steps["features"], rng)), os.path.join(out, "features.pt"))
+    times["features"] = time.time() - t
+    with torch.no_grad():
+        x = images_of(rng.choices(train, k=64), rng)
+        rec = F.l1_loss(vq.decode(vq.encode(x)), x).item()
+    summary = {"seconds": {k: round(v, 1) for k, v in times.items()}, "vq_l1": rec, "gpt_loss": gpt_loss,
+               "clip_loss": clip_loss, "quick": quick}
+    with open(os.path.join(out, "READY"), "w") as f:
+        json.dump(summary, f)
+    print(f"prepared the shapes world in {out} ({time.time() - t0:.0f} s): {json.dumps(summary)}")
+
+
+if __name__ == "__main__":
+    args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in sys.argv[1:])
+    prepare(args.get("out", "out/shapes"), bool(args.get("quick", False)))

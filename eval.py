@@ -1,0 +1,326 @@
+"""Evaluate the rounds of a RankE run: FID (or its stand-in), CLIP score, HPSv2, a compositional score,
+and the Latent-Covariate-Shift diagnostics (Appendix C), with per-round tables, curves and grids.
+
+    python eval.py --run=out/ranke                                  # the micro world's held-out prompts
+    python eval.py --run=out/ranke --compare=out/std_rl             # two runs side by side
+    torchrun --nproc_per_node=8 eval.py config/eval_coco.py --run=out/llamagen_xl_clip
+
+Generation (sharded over ranks, resumable: written images are skipped) follows the paper's protocol:
+PNG via clamp(127.5 x + 128). FID follows clean-fid's "clean" protocol with its TorchScript Inception
+(`inception-2015-12-05.pt`, the file clean-fid and StyleGAN use; loaded with torch.jit.load, so no
+pickle is run): images in [0, 255], resized to 299 (bicubic; clean-fid resizes with PIL on float32, a
+torch resize differs from it by a fraction of a grey level), 2048-d pool features, reference
+statistics cached, the Frechet distance in float64 torch. Without that file, an FD in the reward
+CLIP's image-feature space is reported instead, named FD_CLIP -- never called FID.
+"""
+import hashlib
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import common
+from common import init_dist, load_image, read_pairs, read_prompts, round_dir, save_grid
+from configurator import configure, defaults
+
+# -- config (the data and models of the run come from the round's meta.json) --
+run = "out/ranke"
+compare = ""  # a second run, side by side in one table and plot
+eval_rounds = ""  # "0,5,10"; "" = every round folder of the run
+eval_prompts = "out/shapes/prompts_heldout.txt"  # COCO-30K: data/coco_captions_30k.csv
+eval_pairs = "out/shapes/heldout_pairs.jsonl"  # real images ({"image", "caption"}) for FID and the codes
+eval_specs = "out/shapes/specs.json"  # prompt -> what a correct image holds: micro GenEval; "" = none
+feature_net = "out/shapes/features.pt"  # TorchScript; COCO: clean-fid's inception-2015-12-05.pt
+feature_size = 32  # 299 for Inception
+eval_clip_model = ""  # "" = the run's reward CLIP; COCO protocol: ViT-B-32 with OpenAI weights
+eval_clip_weights = ""
+eval_clip_quick_gelu = True
+eval_clip_prefix = ""  # LlamaGen's COCO protocol: "A photo depicts "
+eval_hps_weights = ""  # HPS_v2.1_compressed.pt: adds HPSv2
+eval_n_per_prompt = 4
+eval_batch_size = 64
+eval_cfg_scale = 4.0  # LlamaGen's COCO protocol: 7.5, top-k 1000, top-p 1.0, temperature 1.0
+eval_temperature = 1.0
+eval_top_k = 0
+eval_top_p = 1.0
+eval_seed = 1234
+kl_smoothing = 0.5  # add-alpha smoothing of the code histograms
+grid_prompts = 16
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def gaussian(feats):
+    f = feats.double()
+    return f.mean(0), torch.cov(f.t())
+
+
+def frechet(mu1, s1, mu2, s2):
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), in float64; the trace of the matrix square root
+    is the sum of the square roots of the eigenvalues of S1^(1/2) S2 S1^(1/2) (symmetric PSD)."""
+    w, v = torch.linalg.eigh(s1)
+    r1 = (v * w.clamp(min=0).sqrt()) @ v.t()
+    tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1).clamp(min=0).sqrt().sum()
+    return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()
+
+
+def code_histogram(codes, vocab):
+    return torch.bincount(codes.flatten(), minlength=vocab).double()
+
+
+def entropy_bits(hist):
+    p = hist.double() / hist.sum()
+    return -(p[p > 0] * p[p > 0].log2()).sum().item()
+
+
+def code_kl(hist_p, hist_q, alpha=0.5):
+    """KL(P || Q) in bits between unigram code frequencies, each smoothed by adding alpha to every
+    count. P: the policy's codes, Q: the ground-truth codes of real images (Appendix C)."""
+    p, q = (h.double() + alpha for h in (hist_p, hist_q))
+    p, q = p / p.sum(), q / q.sum()
+    return (p * (p / q).log2()).sum().item()
+
+
+def image_features(net, images, size, batch=64):
+    """Features of the FID network; images B x 3 x H x W in [-1, 1] -> [0, 255] at size x size."""
+    out = []
+    for i in range(0, len(images), batch):
+        x = (images[i:i + batch].float() + 1) * 127.5
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 255)
+        with torch.no_grad():
+            out.append(net(x, return_features=True).float())
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def generate_images(c, rc, d, prompts, out, rank=0, world=1):
+    """PNGs (and the codes) of every prompt x n_per_prompt with round folder d's policy and decoder,
+    batch b on rank b % world, seeded by (seed, b); a batch already written is skipped."""
+    from model_ar import generate, load_gpt
+    from model_vq import load_decoder, load_vq
+    os.makedirs(os.path.join(out, "codes"), exist_ok=True)
+    jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(c.eval_n_per_prompt)]
+    batches = [jobs[i:i + c.eval_batch_size] for i in range(0, len(jobs), c.eval_batch_size)]
+    todo = [b for b in range(rank, len(batches), world)
+            if not os.path.isfile(os.path.join(out, "codes", f"{b:06d}.safetensors"))]
+    if not todo:
+        return
+    policy = load_gpt(os.path.join(d, "policy.safetensors"), rc.gpt_model, block_size=rc.block_size).to(rc.device)
+    vq = load_decoder(load_vq(rc.vq_ckpt, rc.vq_model), os.path.join(d, "decoder.safetensors")).to(rc.device)
+    bar = todo
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(todo, desc=f"generating {os.path.basename(d)}", leave=False)
+    for b in bar:
+        texts = [p for _, p in batches[b]]
+        cond, mask = (t.to(rc.device) for t in common.caption_features(texts, rc, policy.config.cls_token_num))
+        gen = torch.Generator(rc.device).manual_seed(common.rng(c.eval_seed, b).initial_seed())
+        with torch.no_grad():
+            codes = generate(policy, cond, mask, c.eval_cfg_scale, c.eval_temperature, c.eval_top_k, c.eval_top_p, generator=gen)
+            images = vq.decode(codes).clamp(-1, 1)
+        for k, img in enumerate(images):
+            save_grid(img[None], os.path.join(out, f"{b * c.eval_batch_size + k:06d}.png"), 1)
+        common.atomic_save({"codes": codes.cpu(), "prompt_ids": torch.tensor([i for i, _ in batches[b]])},
+                           os.path.join(out, "codes", f"{b:06d}.safetensors"))
+
+
+def read_generated(out):
+    """(codes, prompt ids, PNG paths) of a generation folder, in image order."""
+    from safetensors.torch import load_file
+    parts = [load_file(os.path.join(out, "codes", f)) for f in sorted(os.listdir(os.path.join(out, "codes")))]
+    codes, ids = torch.cat([p["codes"] for p in parts]), torch.cat([p["prompt_ids"] for p in parts])
+    return codes, ids, [os.path.join(out, f"{i:06d}.png") for i in range(len(codes))]
+
+
+def image_batches(paths, size, n=64):
+    for i in range(0, len(paths), n):
+        yield torch.stack([load_image(p, size) for p in paths[i:i + n]])
+
+
+# ---------------------------------------------------------------- one round
+
+
+def image_stats(c, rc, paths, texts, net, clip, specs=None):
+    """Stream images from disk in batches: FID features, CLIP image features and scores, and the
+    objects the shapes world's detector finds (micro GenEval) when specs are given."""
+    feats, clip_feats, scores, counts = [], [], [], []
+    for k, x in enumerate(image_batches(paths, rc.image_size)):
+        x = x.to(rc.device)
+        with torch.no_grad():
+            if net is not None:
+                feats.append(image_features(net, x.cpu(), c.feature_size))
+            if specs is not None:
+                from data.shapes.world import detect  # the spec format of the shapes world
+                u8 = ((x.cpu() + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+                counts += [detect(im) for im in u8]
+            f = F.normalize(clip.model.encode_image(clip.preprocess(x)).float(), dim=-1)
+            clip_feats.append(f.cpu())
+            if texts is not None:
+                scores.append((f * clip.text_features(texts[k * 64:(k + 1) * 64])).sum(-1).cpu())
+    cat = lambda xs: torch.cat(xs) if xs else None
+    return cat(feats), cat(clip_feats), cat(scores), counts
+
+
+def real_reference(c, rc, net, clip, vq):
+    """Real images of the eval prompts, streamed once and cached next to the pairs file: FID
+    statistics (and FD_CLIP's), and their ground-truth codes from the frozen tokenizer."""
+    pairs = read_pairs(c.eval_pairs)
+    key = hashlib.sha1(json.dumps([pairs, c.feature_net, c.feature_size, rc.vq_ckpt, rc.clip_weights]).encode()).hexdigest()[:12]
+    cache = os.path.join(os.path.dirname(os.path.abspath(c.eval_pairs)), f"real_stats_{key}.safetensors")
+    if os.path.isfile(cache):
+        from safetensors.torch import load_file
+        return load_file(cache)
+    paths = [p for p, _ in pairs]
+    with torch.no_grad():
+        codes = torch.cat([vq.encode(x.to(rc.device)).cpu() for x in image_batches(paths, rc.image_size)])
+    feats, clip_feats, _, _ = image_stats(c, rc, paths, None, net, clip)
+    ref = {"codes": codes}
+    ref["clip_mu"], ref["clip_sigma"] = gaussian(clip_feats)
+    if feats is not None:
+        ref["mu"], ref["sigma"] = gaussian(feats)
+    common.atomic_save(ref, cache)
+    return ref
+
+
+def evaluate_round(c, rc, d, rank=0, world=1):
+    """Metrics of round folder d on the eval prompts; images land in d/eval/."""
+    from losses import Reward
+    from model_vq import load_vq
+    prompts = read_prompts(c.eval_prompts)
+    out = os.path.join(d, "eval")
+    generate_images(c, rc, d, prompts, out, rank, world)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank:
+        return None
+    net = torch.jit.load(c.feature_net, map_location="cpu").eval() if os.path.isfile(c.feature_net) else None
+    base_vq = load_vq(rc.vq_ckpt, rc.vq_model).to(rc.device)  # the frozen tokenizer: ground-truth codes
+    clip = Reward("clip", c.eval_clip_model or rc.clip_model, c.eval_clip_weights or rc.clip_weights, rc.device,
+                  False, c.eval_clip_quick_gelu if c.eval_clip_model else rc.clip_quick_gelu, c.eval_clip_prefix)
+    specs = None
+    if c.eval_specs:
+        with open(c.eval_specs) as f:
+            specs = json.load(f)
+    codes, ids, paths = read_generated(out)
+    texts = [prompts[i] for i in ids]
+    ref = real_reference(c, rc, net, clip, base_vq)
+    feats, clip_feats, scores, counts = image_stats(c, rc, paths, texts, net, clip, specs)
+    m = {"CLIP": 100 * scores.mean().item()}
+    if net is not None:
+        m["FID" if "inception" in os.path.basename(c.feature_net) else "FD"] = frechet(*gaussian(feats), ref["mu"], ref["sigma"])
+    else:
+        print(f"no FID network at {c.feature_net!r}: reporting FD_CLIP, the Frechet distance of CLIP image features")
+        m["FD_CLIP"] = frechet(*gaussian(clip_feats), ref["clip_mu"], ref["clip_sigma"])
+    if c.eval_hps_weights:
+        hps = Reward("hpsv2", "ViT-H-14", c.eval_hps_weights, rc.device, False)
+        with torch.no_grad():
+            m["HPSv2"] = torch.cat([hps(x.to(rc.device), texts[k * 64:(k + 1) * 64]).cpu()
+                                    for k, x in enumerate(image_batches(paths, rc.image_size))]).mean().item()
+    if specs is not None:
+        from data.shapes.world import correct
+        ok = torch.tensor([correct(specs[t], n) for t, n in zip(texts, counts)]).float()
+        kinds = [specs[t]["kind"] for t in texts]
+        m["GenEval"] = ok.mean().item()
+        for k, name in (("single", "GenEval_colour"), ("two", "GenEval_count"), ("pair", "GenEval_two_obj")):
+            sel = [i for i, x in enumerate(kinds) if x == k]
+            if sel:
+                m[name] = ok[sel].mean().item()
+    V, gt = base_vq.config.codebook_size, ref["codes"]
+    half = len(gt) // 2
+    m["code_KL"] = code_kl(code_histogram(codes, V), code_histogram(gt, V), c.kl_smoothing)
+    m["code_KL_real_floor"] = code_kl(code_histogram(gt[:half], V), code_histogram(gt[half:], V), c.kl_smoothing)
+    m["code_entropy"] = entropy_bits(code_histogram(codes, V))
+    m["code_entropy_real"] = entropy_bits(code_histogram(gt, V))
+    grid = torch.stack([load_image(p, rc.image_size) for p in paths[:c.grid_prompts * c.eval_n_per_prompt:c.eval_n_per_prompt]])
+    save_grid(grid, os.path.join(d, "eval_grid.png"), nrow=8)
+    with open(os.path.join(d, "eval.json"), "w") as f:
+        json.dump(m, f, indent=1)
+    return m
+
+
+# ---------------------------------------------------------------- tables and curves
+
+
+def table(results):
+    """Markdown: a row per (run, round), a column per metric."""
+    keys = sorted({k for r in results.values() for m in r.values() for k in m})
+    lines = ["| run | round | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, r in results.items():
+        for rnd, m in sorted(r.items()):
+            lines.append(f"| {name} | {rnd} | " + " | ".join(f"{m[k]:.4g}" if k in m else "" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def curves(results, path, reward_by_round):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = ["FID", "FD", "FD_CLIP", "CLIP", "GenEval", "code_KL", "code_entropy", "reward"]
+    keys = [k for k in keys if any(k in m for r in results.values() for m in r.values()) or k == "reward"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
+    for ax, k in zip(axes, keys):
+        for name, r in results.items():
+            pts = sorted(reward_by_round[name].items()) if k == "reward" else [(x, m[k]) for x, m in sorted(r.items()) if k in m]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=os.path.basename(name.rstrip("/")))
+        ax.set_title(k)
+        ax.set_xlabel("round")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def run_config(run_dir, c):
+    meta = common.read_meta(round_dir(run_dir, 0))["config"]
+    rc = SimpleNamespace(**meta)
+    rc.device = c.device
+    rc.out_dir = run_dir
+    return rc
+
+
+def main(argv=None):
+    cfg = {**defaults(common), **defaults(sys.modules[__name__])}
+    configure(cfg, argv)
+    c = SimpleNamespace(**cfg)
+    rank, world, c.device = init_dist(c.device)
+    results, rewards = {}, {}
+    for run_dir in [c.run] + ([c.compare] if c.compare else []):
+        if not os.path.isdir(round_dir(run_dir, 0)):
+            raise SystemExit(f"{run_dir} holds no round_0000: not a RankE run folder")
+        rc = run_config(run_dir, c)
+        avail = sorted(int(x[6:]) for x in os.listdir(run_dir) if x.startswith("round_") and x[6:].isdigit())
+        wanted = [int(x) for x in c.eval_rounds.split(",")] if c.eval_rounds else avail
+        missing = sorted(set(wanted) - set(avail))
+        if missing:
+            raise SystemExit(f"{run_dir} has no round folder for rounds {missing} (it has {avail})")
+        results[run_dir] = {r: evaluate_round(c, rc, round_dir(run_dir, r), rank, world) for r in wanted}
+        rewards[run_dir] = {}
+        if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+            for line in open(os.path.join(run_dir, "metrics.jsonl")):
+                x = json.loads(line)
+                if "reward" in x:  # a round's line (eval lines carry no reward)
+                    rewards[run_dir][x["round"]] = x["reward"]
+        for r in wanted:
+            if r in rewards[run_dir] and results[run_dir][r] is not None:
+                results[run_dir][r]["reward"] = rewards[run_dir][r]
+    if rank == 0:
+        text = table(results)
+        print(text)
+        where = c.run if not c.compare else os.path.dirname(os.path.abspath(c.run))
+        with open(os.path.join(where, "eval_table.md"), "w") as f:
+            f.write(text + "\n")
+        curves(results, os.path.join(where, "eval_curves.png"), {k: {r: v for r, v in d.items() if v is not None} for k, d in rewards.items()})
+    return results
+
+
+if __name__ == "__main__":
+    main()
