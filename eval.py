@@ -298,17 +298,23 @@ def main(argv=None):
             raise SystemExit(f"{run_dir} holds no round_0000: not a RankE run folder")
         rc = run_config(run_dir, c)
         avail = sorted(int(x[6:]) for x in os.listdir(run_dir) if x.startswith("round_") and x[6:].isdigit())
-        wanted = [int(x) for x in c.eval_rounds.split(",")] if c.eval_rounds else avail
-        missing = sorted(set(wanted) - set(avail))
-        if missing:
-            raise SystemExit(f"{run_dir} has no round folder for rounds {missing} (it has {avail})")
-        results[run_dir] = {r: evaluate_round(c, rc, round_dir(run_dir, r), rank, world) for r in wanted}
-        rewards[run_dir] = {}
+        logged, rewards[run_dir] = {}, {}  # ranke.py's log: each round's reward, and its in-loop evaluations
         if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
             for line in open(os.path.join(run_dir, "metrics.jsonl")):
                 x = json.loads(line)
-                if "reward" in x:  # a round's line (eval lines carry no reward)
+                if "reward" in x:
                     rewards[run_dir][x["round"]] = x["reward"]
+                if "eval" in x:
+                    logged[x["round"]] = x["eval"]
+        wanted = [int(x) for x in c.eval_rounds.split(",")] if c.eval_rounds else sorted(set(avail) | set(logged))
+        missing = sorted(set(wanted) - set(avail) - set(logged))
+        if missing:
+            raise SystemExit(f"{run_dir} has no round folder for rounds {missing} (it has {avail})")
+        gone = sorted(set(wanted) - set(avail))
+        if gone and rank == 0:  # retention (keep_last, keep_every) removed them; the training log kept their metrics
+            print(f"{run_dir}: rounds {gone} are read from metrics.jsonl (evaluated during training, with the run's settings)")
+        results[run_dir] = {r: (evaluate_round(c, rc, round_dir(run_dir, r), rank, world) if r in avail
+                                else (dict(logged[r]) if rank == 0 else None)) for r in wanted}
         for r in wanted:
             if r in rewards[run_dir] and results[run_dir][r] is not None:
                 results[run_dir][r]["reward"] = rewards[run_dir][r]

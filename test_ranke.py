@@ -739,3 +739,7 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
                                f"--eval_specs={shapes}/specs.json", f"--feature_net={shapes}/features.pt"])
     assert results[out][2]["FD"] == m["FD"]  # eval.py reuses the images ranke.py generated
     assert os.path.isfile(os.path.join(out, "eval_table.md")) and os.path.isfile(os.path.join(out, "eval_curves.png"))
+    import shutil  # a round that retention removed is read back from the run's metrics.jsonl
+    shutil.rmtree(os.path.join(out, "round_0002"))
+    results = evaluation.main([f"--run={out}", "--eval_rounds=2", f"--feature_net={shapes}/features.pt"])
+    assert results[out][2]["FD"] == m["FD"] and "reward" in results[out][2]
