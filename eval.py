@@ -172,7 +172,8 @@ def real_reference(c, rc, net, clip, vq):
     """Real images of the eval prompts, streamed once and cached next to the pairs file: FID
     statistics (and FD_CLIP's), and their ground-truth codes from the frozen tokenizer."""
     pairs = read_pairs(c.eval_pairs)
-    key = hashlib.sha1(json.dumps([pairs, c.feature_net, c.feature_size, rc.vq_ckpt, rc.clip_weights]).encode()).hexdigest()[:12]
+    key = hashlib.sha1(json.dumps([pairs, c.feature_net, c.feature_size, rc.vq_ckpt,
+                                 c.eval_clip_model or rc.clip_model, c.eval_clip_weights or rc.clip_weights]).encode()).hexdigest()[:12]
     cache = os.path.join(os.path.dirname(os.path.abspath(c.eval_pairs)), f"real_stats_{key}.safetensors")
     if os.path.isfile(cache):
         from safetensors.torch import load_file

@@ -680,6 +680,43 @@ def test_resumed_generation_skips_what_exists_and_is_the_same(world, tmp_path):
     assert len(paths) == len(codes) and codes.shape == (2 * len(prompts), 16) and ids.tolist() == sorted(list(range(len(prompts))) * 2)
 
 
+def test_coco_protocol_on_a_stand_in_set(world, tmp_path):
+    """config/eval_coco.py end to end on a stand-in: the first COCO-30K captions (the real CSV), a few
+    real images, a TorchScript feature network under clean-fid's Inception file name (called as
+    clean-fid calls it), and the evaluation CLIP as an open_clip checkpoint with the caption prefix."""
+    from PIL import Image
+    out = str(tmp_path / "run")
+    ranke.main([world, f"--out_dir={out}", "--rounds=0", "--sample_every=0"])
+    here = os.path.dirname(os.path.abspath(__file__))
+    captions = open(os.path.join(here, "data", "coco_captions_30k.csv")).read().split("\n")[:7]
+    (tmp_path / "coco.csv").write_text("\n".join(captions) + "\n")
+    g = torch.Generator().manual_seed(1)
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for i, cap in enumerate(captions[1:]):
+            Image.fromarray(torch.randint(0, 256, (24, 24, 3), generator=g, dtype=torch.uint8).numpy()).save(tmp_path / f"{i}.png")
+            f.write(json.dumps({"image": f"{i}.png", "caption": cap}) + "\n")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 5, 4)
+
+        def forward(self, x, return_features: bool = True):
+            assert x.shape[-1] == 299  # clean-fid's input: 299 px in [0, 255]
+            return self.conv(x / 255).relu().mean((2, 3))
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(Net()), str(tmp_path / "inception-2015-12-05.pt"))
+    root = os.path.dirname(world)
+    args = [os.path.join(here, "config", "eval_coco.py"), f"--run={out}", f"--eval_prompts={tmp_path}/coco.csv",
+            f"--eval_pairs={tmp_path}/pairs.jsonl", f"--eval_clip_model={root}/tiny-clip.json",
+            f"--eval_clip_weights={root}/clip.pt", "--eval_clip_quick_gelu=False", "--eval_batch_size=4"]
+    m = evaluation.main(args + [f"--feature_net={tmp_path}/inception-2015-12-05.pt"])[out][0]
+    assert math.isfinite(m["FID"]) and "FD" not in m and "GenEval" not in m
+    assert -100 <= m["CLIP"] <= 100 and m["code_KL"] >= 0 and len(os.listdir(os.path.join(out, "round_0000", "eval"))) >= 6
+    m = evaluation.main(args + [f"--feature_net={tmp_path}/missing.pt"])[out][0]
+    assert math.isfinite(m["FD_CLIP"]) and "FID" not in m  # without Inception: labelled as what it is
+
+
 def read_prompts_of(c):
     from common import read_prompts
     return read_prompts(c.train_prompts)
