@@ -58,6 +58,14 @@ def load_exact(model, state_dict, what):
     return model
 
 
+def atomic_write(path, text):
+    """A text file written via a temporary file and a rename, so a reader never sees half of it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def atomic_save(tensors, path, metadata=None):
     """safetensors.save_file to `path` via a temporary file and a rename (atomic on POSIX)."""
     tmp = f"{path}.tmp{os.getpid()}"

@@ -78,11 +78,13 @@ def all_gather(t, world):
     return torch.cat(out)
 
 
-def mean_over_ranks(stats, world, device):
+def mean_stats(stats, world, device):
+    """A stage's metrics: each statistic averaged over the steps that report it, then over ranks."""
+    m = {k: sum(s[k] for s in stats if k in s) / sum(k in s for s in stats) for k in {k for s in stats for k in s}}
     if world == 1:
-        return stats
-    keys = sorted(stats)
-    v = torch.tensor([float(stats[k]) for k in keys], device=device, dtype=torch.float64)
+        return m
+    keys = sorted(m)
+    v = torch.tensor([float(m[k]) for k in keys], device=device, dtype=torch.float64)
     dist.all_reduce(v)
     return dict(zip(keys, (v / world).tolist()))
 
@@ -218,6 +220,12 @@ def commit_round(tmp, meta):
     os.replace(tmp, tmp[:-len(".tmp")])
 
 
+def log_metrics(out_dir, record):
+    """One line of the run's metrics.jsonl (a round's training metrics, or an evaluation)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def read_meta(d):
     with open(os.path.join(d, "meta.json")) as f:
         return json.load(f)
@@ -236,7 +244,7 @@ def carry_over(src_dir, dst_dir, names):
 
 
 def save_model(model, path):
-    atomic_save({k: v for k, v in model.state_dict().items()}, path)
+    atomic_save(model.state_dict(), path)
 
 
 def save_optimizer(opt, path):

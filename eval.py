@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+from checkpoint import atomic_write
 from common import init_dist, load_image, read_pairs, read_prompts, round_dir, save_grid
 from configurator import configure, defaults
 
@@ -147,29 +148,36 @@ def image_batches(paths, size, n=64):
 # ---------------------------------------------------------------- one round
 
 
-def image_stats(c, rc, paths, texts, net, clip, specs=None):
-    """Stream images from disk in batches: FID features, CLIP image features and scores, and the
-    objects the shapes world's detector finds (micro GenEval) when specs are given."""
-    feats, clip_feats, scores, counts = [], [], [], []
-    for k, x in enumerate(image_batches(paths, rc.image_size)):
-        x = x.to(rc.device)
+def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
+    """Read the images from disk once, in batches, for everything asked: the FID network's features,
+    CLIP image features, and with texts the CLIP scores (and HPSv2's with hps); with vq the frozen
+    tokenizer's codes; with specs the objects the shapes world's detector finds (micro GenEval)."""
+    if specs is not None:
+        from data.shapes.world import detect  # the spec format of the shapes world
+    out = {"feats": [], "clip_feats": [], "scores": [], "hps": [], "codes": []}
+    counts, start = [], 0
+    for x in image_batches(paths, rc.image_size):
+        x, t = x.to(rc.device), texts[start:start + len(x)] if texts is not None else None
+        start += len(x)
         with torch.no_grad():
             if net is not None:
-                feats.append(image_features(net, x.cpu(), c.feature_size))
-            if specs is not None:
-                from data.shapes.world import detect  # the spec format of the shapes world
-                u8 = ((x.cpu() + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-                counts += [detect(im) for im in u8]
-            f = F.normalize(clip.model.encode_image(clip.preprocess(x)).float(), dim=-1)
-            clip_feats.append(f.cpu())
-            if texts is not None:
-                scores.append((f * clip.text_features(texts[k * 64:(k + 1) * 64])).sum(-1).cpu())
-    cat = lambda xs: torch.cat(xs) if xs else None
-    return cat(feats), cat(clip_feats), cat(scores), counts
+                out["feats"].append(image_features(net, x, c.feature_size).cpu())
+            if vq is not None:
+                out["codes"].append(vq.encode(x).cpu())
+            f = clip.image_features(x)
+            out["clip_feats"].append(f.cpu())
+            if t is not None:
+                out["scores"].append((f * clip.text_features(t)).sum(-1).cpu())
+                if hps is not None:
+                    out["hps"].append(hps(x, t).cpu())
+        if specs is not None:
+            u8 = ((x.cpu() + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+            counts += [detect(im) for im in u8]
+    return {**{k: torch.cat(v) for k, v in out.items() if v}, "counts": counts}
 
 
 def real_reference(c, rc, net, clip, vq):
-    """Real images of the eval prompts, streamed once and cached next to the pairs file: FID
+    """Real images of the eval prompts, read once and cached next to the pairs file: FID
     statistics (and FD_CLIP's), and their ground-truth codes from the frozen tokenizer."""
     pairs = read_pairs(c.eval_pairs)
     key = hashlib.sha1(json.dumps([pairs, c.feature_net, c.feature_size, rc.vq_ckpt,
@@ -178,14 +186,11 @@ def real_reference(c, rc, net, clip, vq):
     if os.path.isfile(cache):
         from safetensors.torch import load_file
         return load_file(cache)
-    paths = [p for p, _ in pairs]
-    with torch.no_grad():
-        codes = torch.cat([vq.encode(x.to(rc.device)).cpu() for x in image_batches(paths, rc.image_size)])
-    feats, clip_feats, _, _ = image_stats(c, rc, paths, None, net, clip)
-    ref = {"codes": codes}
-    ref["clip_mu"], ref["clip_sigma"] = gaussian(clip_feats)
-    if feats is not None:
-        ref["mu"], ref["sigma"] = gaussian(feats)
+    s = image_stats(c, rc, [p for p, _ in pairs], None, net, clip, vq=vq)
+    ref = {"codes": s["codes"]}
+    ref["clip_mu"], ref["clip_sigma"] = gaussian(s["clip_feats"])
+    if net is not None:
+        ref["mu"], ref["sigma"] = gaussian(s["feats"])
     common.atomic_save(ref, cache)
     return ref
 
@@ -201,10 +206,11 @@ def evaluate_round(c, rc, d, rank=0, world=1):
         torch.distributed.barrier()
     if rank:
         return None
-    net = torch.jit.load(c.feature_net, map_location="cpu").eval() if os.path.isfile(c.feature_net) else None
+    net = torch.jit.load(c.feature_net, map_location=rc.device).eval() if os.path.isfile(c.feature_net) else None
     base_vq = load_vq(rc.vq_ckpt, rc.vq_model).to(rc.device)  # the frozen tokenizer: ground-truth codes
     clip = Reward("clip", c.eval_clip_model or rc.clip_model, c.eval_clip_weights or rc.clip_weights, rc.device,
                   False, c.eval_clip_quick_gelu if c.eval_clip_model else rc.clip_quick_gelu, c.eval_clip_prefix)
+    hps = Reward("hpsv2", "ViT-H-14", c.eval_hps_weights, rc.device, False) if c.eval_hps_weights else None
     specs = None
     if c.eval_specs:
         with open(c.eval_specs) as f:
@@ -212,21 +218,18 @@ def evaluate_round(c, rc, d, rank=0, world=1):
     codes, ids, paths = read_generated(out)
     texts = [prompts[i] for i in ids]
     ref = real_reference(c, rc, net, clip, base_vq)
-    feats, clip_feats, scores, counts = image_stats(c, rc, paths, texts, net, clip, specs)
-    m = {"CLIP": 100 * scores.mean().item()}
+    s = image_stats(c, rc, paths, texts, net, clip, specs, hps=hps)
+    m = {"CLIP": 100 * s["scores"].mean().item()}
     if net is not None:
-        m["FID" if "inception" in os.path.basename(c.feature_net) else "FD"] = frechet(*gaussian(feats), ref["mu"], ref["sigma"])
+        m["FID" if "inception" in os.path.basename(c.feature_net) else "FD"] = frechet(*gaussian(s["feats"]), ref["mu"], ref["sigma"])
     else:
         print(f"no FID network at {c.feature_net!r}: reporting FD_CLIP, the Frechet distance of CLIP image features")
-        m["FD_CLIP"] = frechet(*gaussian(clip_feats), ref["clip_mu"], ref["clip_sigma"])
-    if c.eval_hps_weights:
-        hps = Reward("hpsv2", "ViT-H-14", c.eval_hps_weights, rc.device, False)
-        with torch.no_grad():
-            m["HPSv2"] = torch.cat([hps(x.to(rc.device), texts[k * 64:(k + 1) * 64]).cpu()
-                                    for k, x in enumerate(image_batches(paths, rc.image_size))]).mean().item()
+        m["FD_CLIP"] = frechet(*gaussian(s["clip_feats"]), ref["clip_mu"], ref["clip_sigma"])
+    if hps is not None:
+        m["HPSv2"] = s["hps"].mean().item()
     if specs is not None:
         from data.shapes.world import correct
-        ok = torch.tensor([correct(specs[t], n) for t, n in zip(texts, counts)]).float()
+        ok = torch.tensor([correct(specs[t], n) for t, n in zip(texts, s["counts"])]).float()
         kinds = [specs[t]["kind"] for t in texts]
         m["GenEval"] = ok.mean().item()
         for k, name in (("single", "GenEval_colour"), ("two", "GenEval_count"), ("pair", "GenEval_two_obj")):
@@ -241,8 +244,7 @@ def evaluate_round(c, rc, d, rank=0, world=1):
     m["code_entropy_real"] = entropy_bits(code_histogram(gt, V))
     grid = torch.stack([load_image(p, rc.image_size) for p in paths[:c.grid_prompts * c.eval_n_per_prompt:c.eval_n_per_prompt]])
     save_grid(grid, os.path.join(d, "eval_grid.png"), nrow=8)
-    with open(os.path.join(d, "eval.json"), "w") as f:
-        json.dump(m, f, indent=1)
+    atomic_write(os.path.join(d, "eval.json"), json.dumps(m, indent=1))
     return m
 
 
@@ -323,8 +325,7 @@ def main(argv=None):
         text = table(results)
         print(text)
         where = c.run if not c.compare else os.path.dirname(os.path.abspath(c.run))
-        with open(os.path.join(where, "eval_table.md"), "w") as f:
-            f.write(text + "\n")
+        atomic_write(os.path.join(where, "eval_table.md"), text + "\n")
         curves(results, os.path.join(where, "eval_curves.png"), {k: {r: v for r, v in d.items() if v is not None} for k, d in rewards.items()})
     return results
 

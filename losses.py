@@ -184,10 +184,11 @@ class LPIPS(nn.Module):
 
 
 class Reward:
-    """R(x, c) with an open_clip model (a name, or the path of an open_clip JSON config): cosine of the L2-normalised image and text features (no logit
-    scale). Images come in as B x 3 x H x W tensors in [-1, 1] and are preprocessed in torch (bicubic
-    resize of the short side, centre crop, the model's mean / std) so the score stays differentiable.
-    Text features of each prompt are computed once. CLIP score as reported = 100 x this."""
+    """R(x, c) with an open_clip model (a name, or the path of an open_clip JSON config): cosine of
+    the L2-normalised image and text features (no logit scale). Images come in as B x 3 x H x W
+    tensors in [-1, 1] and are preprocessed in torch (bicubic resize of the short side, centre crop,
+    the model's mean / std) so the score stays differentiable. Text features of each prompt are
+    computed once. CLIP score as reported = 100 x this."""
 
     def __init__(self, name, model_name, weights, device="cpu", differentiable=True, quick_gelu=False, prefix=""):
         import open_clip
@@ -227,11 +228,13 @@ class Reward:
             self.text_cache.update(zip(new, F.normalize(f.float(), dim=-1)))
         return torch.stack([self.text_cache[p] for p in prompts])
 
-    def __call__(self, images, prompts):
-        text = self.text_features(prompts)
+    def image_features(self, images):
+        """L2-normalised image features, B x D (differentiable when the reward is)."""
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            img = F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
-            return (img * text).sum(-1)
+            return F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
+
+    def __call__(self, images, prompts):
+        return (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
 
 def load_reward(reward, device, clip_model="ViT-B-32", clip_weights="", clip_quick_gelu=True, hps_weights=""):

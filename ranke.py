@@ -10,7 +10,6 @@ from its last complete round.
     python ranke.py config/llamagen_xl_clip.py --mode=policy_only --out_dir=out/std_rl
 """
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -146,8 +145,7 @@ def evaluate(c, rnd, rank, world):
     m = evaluation.evaluate_round(c, c, round_dir(c.out_dir, rnd), rank, world)
     if rank == 0:
         print(f"eval round {rnd} | " + " | ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
-        with open(os.path.join(c.out_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"round": rnd, "eval": m}) + "\n")
+        common.log_metrics(c.out_dir, {"round": rnd, "eval": m})
     return m
 
 
@@ -202,8 +200,7 @@ def main(argv=None, **forced):
             if c.sample_every and rnd % c.sample_every == 0:
                 sample_grid(c, cur, os.path.join(cur, "samples.png"))
             commit_round(cur, {"round": rnd, "run_id": c.run_id, "config": vars(c), "metrics": m})
-            with open(os.path.join(c.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"round": rnd, "time": time.time(), **m}) + "\n")
+            common.log_metrics(c.out_dir, {"round": rnd, "time": time.time(), **m})
             print(log_line(rnd, m), flush=True)
             old = rnd - c.keep_last
             if old > 0 and old % c.keep_every:

@@ -530,7 +530,7 @@ def test_two_rounds_of_each_mode_write_the_round_files(world, tmp_path, mode):
 
 def run_script(*args, torchrun=0, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
     here = os.path.dirname(os.path.abspath(__file__))
     return subprocess.run(launcher + [os.path.join(here, "ranke.py"), *args], env=env, cwd=here,
                           capture_output=True, text=True, **kw)
@@ -601,7 +601,6 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
     # Stage 2 alone refuses another run's rollouts
     other = tmp_path / "other"
     ranke.main([world, f"--out_dir={other}", "--rounds=1", "--sample_every=0"])
-    import train_decoder  # noqa: F401
     sys_argv = sys.argv
     sys.argv = ["train_decoder.py", world, f"--rollouts={other}/round_0001/rollouts.safetensors",
                 f"--init_from={out}/round_0001", f"--out_dir={tmp_path / 'dec'}"]

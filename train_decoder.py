@@ -19,8 +19,7 @@ import time
 
 import torch
 
-import common
-from common import (all_reduce_grads, check_finite, load_image, load_optimizer, mean_over_ranks,
+from common import (all_reduce_grads, check_finite, load_image, load_optimizer, mean_stats,
                     peak_memory_gb, read_pairs, read_prompts, rng, save_model, save_optimizer)
 from checkpoint import read_state_dict
 from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, load_reward,
@@ -149,8 +148,7 @@ def decoder_stage(c, prev, cur, rnd, steps, rollouts_path, rank=0, world=1):
                 stats.append({"L_disc": d_loss.item(), "disc_acc": acc})
             all_reduce_grads(disc.parameters(), world)
             opt_d.step()
-    metrics = {k: sum(s[k] for s in stats if k in s) / sum(k in s for s in stats) for k in {k for s in stats for k in s}}
-    metrics = mean_over_ranks(metrics, world, dev)
+    metrics = mean_stats(stats, world, dev)
     if rank == 0:
         save_decoder(vq, os.path.join(cur, "decoder.safetensors"))
         save_decoder(ema, os.path.join(cur, "decoder_ema.safetensors"))

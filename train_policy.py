@@ -15,9 +15,8 @@ import time
 
 import torch
 
-import common
 from common import (all_gather, all_reduce_grads, caption_features, check_finite, load_optimizer,
-                    mean_over_ranks, peak_memory_gb, read_prompts, rng, save_model, save_optimizer)
+                    mean_stats, peak_memory_gb, read_prompts, rng, save_model, save_optimizer)
 from checkpoint import atomic_save
 from losses import ema_update, group_advantages, grpo_loss, load_reward
 from model_ar import generate, load_gpt, token_logprobs
@@ -99,8 +98,7 @@ def policy_stage(c, prev, cur, rnd, steps, rank=0, world=1, update=True):
             ema_update(ref, policy, c.ref_decay)
         stats.append({"reward": torch.cat([x[7] for x in rollouts]).mean().item(),
                       "zero_adv_groups": sum(x[8] for x in rollouts) / len(rollouts)})
-    metrics = {k: sum(s[k] for s in stats if k in s) / sum(k in s for s in stats) for k in {k for s in stats for k in s}}
-    metrics = mean_over_ranks(metrics, world, dev)
+    metrics = mean_stats(stats, world, dev)
     # the rollouts of every rank, in chunk order (the same file on any world size)
     out = {k: all_gather(torch.cat(v).to(dev), world).cpu() for k, v in saved.items()}
     perm = out.pop("chunk").argsort(stable=True)
