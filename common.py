@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 
 from checkpoint import atomic_save, read_state_dict
+from model_ar import load_gpt
+from model_vq import load_decoder, load_vq
 
 # -- config shared by train_policy.py, train_decoder.py and ranke.py (overridden the same way).
 #    The defaults are the embedded shapes world; config/llamagen_xl_*.py set the real models. --
@@ -229,6 +231,13 @@ def log_metrics(out_dir, record):
 def read_meta(d):
     with open(os.path.join(d, "meta.json")) as f:
         return json.load(f)
+
+
+def load_round(c, d):
+    """Round folder d's policy and its decoder (on the base tokenizer's encoder and codebook), on c.device."""
+    policy = load_gpt(os.path.join(d, "policy.safetensors"), c.gpt_model, block_size=c.block_size).to(c.device)
+    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
+    return policy, vq
 
 
 def carry_over(src_dir, dst_dir, names):

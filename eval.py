@@ -104,8 +104,7 @@ def image_features(net, images, size, batch=64):
 def generate_images(c, rc, d, prompts, out, rank=0, world=1):
     """PNGs (and the codes) of every prompt x n_per_prompt with round folder d's policy and decoder,
     batch b on rank b % world, seeded by (seed, b); a batch already written is skipped."""
-    from model_ar import generate, load_gpt
-    from model_vq import load_decoder, load_vq
+    from model_ar import generate
     os.makedirs(os.path.join(out, "codes"), exist_ok=True)
     jobs = [(i, p) for i, p in enumerate(prompts) for _ in range(c.eval_n_per_prompt)]
     batches = [jobs[i:i + c.eval_batch_size] for i in range(0, len(jobs), c.eval_batch_size)]
@@ -113,8 +112,7 @@ def generate_images(c, rc, d, prompts, out, rank=0, world=1):
             if not os.path.isfile(os.path.join(out, "codes", f"{b:06d}.safetensors"))]
     if not todo:
         return
-    policy = load_gpt(os.path.join(d, "policy.safetensors"), rc.gpt_model, block_size=rc.block_size).to(rc.device)
-    vq = load_decoder(load_vq(rc.vq_ckpt, rc.vq_model), os.path.join(d, "decoder.safetensors")).to(rc.device)
+    policy, vq = common.load_round(rc, d)
     bar = todo
     if rank == 0:
         from tqdm import tqdm

@@ -23,11 +23,11 @@ import common
 import eval as evaluation
 import train_decoder
 import train_policy
-from common import (caption_features, carry_over, commit_round, init_dist, last_round, read_meta, read_prompts,
-                    round_dir, save_grid, save_model)
+from common import (caption_features, carry_over, commit_round, init_dist, last_round, load_round, read_meta,
+                    read_prompts, round_dir, save_grid, save_model)
 from configurator import configure, defaults
 from model_ar import fill_t5_cache, generate, gpt_config, load_gpt
-from model_vq import VQ_CONFIGS, load_decoder, load_vq, save_decoder
+from model_vq import VQ_CONFIGS, load_vq, save_decoder
 
 # -- config: the loop's own keys. Each stage's keys stand at the top of train_policy.py,
 #    train_decoder.py and common.py, and are set the same way (a config file, --key=value). --
@@ -107,8 +107,7 @@ def base_round(c):
 def sample_grid(c, d, path):
     """The first `sample_prompts` training prompts, seed `seed`, with the round's policy and decoder."""
     prompts = read_prompts(c.train_prompts)[:c.sample_prompts]
-    policy = load_gpt(os.path.join(d, "policy.safetensors"), c.gpt_model, block_size=c.block_size).to(c.device)
-    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
+    policy, vq = load_round(c, d)
     cond, mask = (t.to(c.device) for t in caption_features(prompts, c, policy.config.cls_token_num))
     gen = torch.Generator(c.device).manual_seed(c.seed)
     codes = generate(policy, cond, mask, c.cfg_scale, c.temperature, c.top_k, c.top_p, generator=gen)

@@ -779,3 +779,49 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
     shutil.rmtree(os.path.join(out, "round_0002"))
     results = evaluation.main([f"--run={out}", "--eval_rounds=2", f"--feature_net={shapes}/features.pt"])
     assert results[out][2]["FD"] == m["FD"] and "reward" in results[out][2]
+
+
+@pytest.fixture(scope="module")
+def shapes_prepared(tmp_path_factory):
+    """The world as `python ranke.py` prepares it: the same VQ, GPT and CLIP (the FD network, not
+    used here, gets 4 steps). About 6.5 minutes on 2 cores -- the longest part of CI."""
+    import prepare
+    out = str(tmp_path_factory.mktemp("shapes_prepared"))
+    prepare.prepare(out, steps={"features": 4})
+    return out
+
+
+def held_out_rewards(c, d, prompts, n, seed=123):
+    """R(x, c) of n samples per prompt from round folder d (fixed seed): len(prompts) x n."""
+    from common import caption_features, load_round
+    from losses import load_reward
+    policy, vq = load_round(c, d)
+    reward = load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu)
+    texts = [p for p in prompts for _ in range(n)]
+    cond, mask = caption_features(texts, c, policy.config.cls_token_num)
+    gen, r = torch.Generator(c.device).manual_seed(seed), []
+    with torch.no_grad():
+        for i in range(0, len(texts), 256):
+            codes = generate(policy, cond[i:i + 256], mask[i:i + 256], c.cfg_scale, c.temperature, c.top_k, c.top_p, generator=gen)
+            r.append(reward(vq.decode(codes), texts[i:i + 256]))
+    return torch.cat(r).view(len(prompts), n)
+
+
+def test_short_grpo_raises_held_out_reward(shapes_prepared, tmp_path):
+    """The learning signal reaches the policy: 10 GRPO steps (32 prompts x 8 rollouts each, lr 4e-4,
+    seed 0, decoder frozen) on the prepared world raise the mean reward on its 64 held-out prompts (48
+    of them unseen compositions), 32 samples a prompt before and after, by more than 3 standard
+    errors of the sampling noise. A policy that learned nothing would gain 0 +- 1 SE (a false pass
+    < 0.2%). Measured on 2 cores: +0.040 and +0.044 in cosine (z = 6.1 and 7.0) for GRPO seeds 0
+    and 1 (base 0.49); with 8 prompts a step the gain was unreliable (-0.020 to +0.048 in 20 steps)."""
+    from common import read_prompts
+    out = str(tmp_path / "grpo")
+    c = ranke.main(shapes_args(shapes_prepared, out, "--mode=policy_only", "--rounds=1", "--policy_steps=10",
+                               "--prompts_per_step=32", "--policy_lr=4e-4", "--seed=0", "--eval_every=0",
+                               "--sample_every=0"))
+    prompts, n = read_prompts(f"{shapes_prepared}/prompts_heldout.txt"), 32
+    before = held_out_rewards(c, os.path.join(out, "round_0000"), prompts, n)
+    after = held_out_rewards(c, os.path.join(out, "round_0001"), prompts, n)
+    gain = (after - before).mean()
+    se = ((before.var(1) + after.var(1)).sum() / n).sqrt() / len(prompts)  # SE of the difference of the means
+    assert gain > 3 * se, f"held-out reward {before.mean():.4f} -> {after.mean():.4f}: gain {gain:.4f}, SE {se:.4f}"

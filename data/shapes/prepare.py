@@ -192,13 +192,14 @@ def save_pairs(specs, rng, out, name, copies):
     os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 
 
-def prepare(out="out/shapes", quick=False, seed=0):
-    """Build the world in `out` unless it is there already (READY marks a complete preparation)."""
+def prepare(out="out/shapes", quick=False, seed=0, steps=None):
+    """Build the world in `out` unless it is there already (READY marks a complete preparation).
+    quick: 4 steps of each model (the CI smoke world); steps: per-model overrides of STEPS."""
     if os.path.isfile(os.path.join(out, "READY")):
         print(f"the shapes world is prepared already in {out}: reusing it")
         return
     os.makedirs(out, exist_ok=True)
-    steps = {k: (4 if quick else v) for k, v in STEPS.items()}
+    steps = {**{k: (4 if quick else v) for k, v in STEPS.items()}, **(steps or {})}
     times, t0 = {}, time.time()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train, held = world.split(seed)
@@ -232,7 +233,7 @@ def prepare(out="out/shapes", quick=False, seed=0):
         x = images_of(rng.choices(train, k=64), rng)
         rec = F.l1_loss(vq.decode(vq.encode(x)), x).item()
     summary = {"seconds": {k: round(v, 1) for k, v in times.items()}, "vq_l1": rec, "gpt_loss": gpt_loss,
-               "clip_loss": clip_loss, "quick": quick}
+               "clip_loss": clip_loss, "quick": quick, "steps": steps}
     with open(os.path.join(out, "READY"), "w") as f:
         json.dump(summary, f)
     print(f"prepared the shapes world in {out} ({time.time() - t0:.0f} s): {json.dumps(summary)}")
