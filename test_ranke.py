@@ -628,6 +628,7 @@ def test_configurator():
 # ---------------------------------------------------------------- eval.py
 
 import eval as evaluation  # noqa: E402
+from common import caption_features, load_round, read_prompts  # noqa: E402
 
 
 def test_frechet_distance_closed_forms():
@@ -662,7 +663,7 @@ def test_resumed_generation_skips_what_exists_and_is_the_same(world, tmp_path):
     ranke.main([world, f"--out_dir={out}", "--rounds=0", "--sample_every=0"])
     c = ranke.config([world, f"--out_dir={out}", "--eval_batch_size=3", "--eval_n_per_prompt=2", "--eval_top_k=10"])
     c.device = "cpu"
-    prompts = read_prompts_of(c)
+    prompts = read_prompts(c.train_prompts)
     d = os.path.join(out, "round_0000")
     gen = os.path.join(d, "gen")
     evaluation.generate_images(c, c, d, prompts, gen)
@@ -714,11 +715,6 @@ def test_coco_protocol_on_a_stand_in_set(world, tmp_path):
     assert -100 <= m["CLIP"] <= 100 and m["code_KL"] >= 0 and len(os.listdir(os.path.join(out, "round_0000", "eval"))) >= 6
     m = evaluation.main(args + [f"--feature_net={tmp_path}/missing.pt"])[out][0]
     assert math.isfinite(m["FD_CLIP"]) and "FID" not in m  # without Inception: labelled as what it is
-
-
-def read_prompts_of(c):
-    from common import read_prompts
-    return read_prompts(c.train_prompts)
 
 
 # ---------------------------------------------------------------- the shapes world
@@ -793,7 +789,6 @@ def shapes_prepared(tmp_path_factory):
 
 def held_out_rewards(c, d, prompts, n, seed=123):
     """R(x, c) of n samples per prompt from round folder d (fixed seed): len(prompts) x n."""
-    from common import caption_features, load_round
     from losses import load_reward
     policy, vq = load_round(c, d)
     reward = load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu)
@@ -814,7 +809,6 @@ def test_short_grpo_raises_held_out_reward(shapes_prepared, tmp_path):
     errors of the sampling noise. A policy that learned nothing would gain 0 +- 1 SE (a false pass
     < 0.2%). Measured on 2 cores: +0.040 and +0.044 in cosine (z = 6.1 and 7.0) for GRPO seeds 0
     and 1 (base 0.49); with 8 prompts a step the gain was unreliable (-0.020 to +0.048 in 20 steps)."""
-    from common import read_prompts
     out = str(tmp_path / "grpo")
     c = ranke.main(shapes_args(shapes_prepared, out, "--mode=policy_only", "--rounds=1", "--policy_steps=10",
                                "--prompts_per_step=32", "--policy_lr=4e-4", "--seed=0", "--eval_every=0",
