@@ -18,7 +18,10 @@ def read_state_dict(path, keys=("model", "module", "state_dict")):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors names no file in its errors
+            raise ValueError(f"cannot read {path} ({e}): a truncated or corrupt safetensors file") from None
     try:  # LlamaGen's training scripts store their argparse.Namespace beside the weights: harmless
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)

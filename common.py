@@ -10,21 +10,24 @@ import csv
 import hashlib
 import json
 import os
-import random
 import shutil
+import sys
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 from checkpoint import atomic_save, read_state_dict
-from model_ar import load_gpt
-from model_vq import load_decoder, load_vq
+from configurator import configure, defaults
+from model_ar import gpt_config, load_gpt
+from model_vq import VQ_CONFIGS, load_decoder, load_vq
 
 # -- config shared by train_policy.py, train_decoder.py and ranke.py (overridden the same way).
 #    The defaults are the embedded shapes world; config/llamagen_xl_*.py set the real models. --
 out_dir = "out/ranke"
 prepare = "data/shapes/prepare.py --out=out/shapes"  # run first (with this Python) to build what is missing; "" = none
 gpt_model = "GPT-micro"
+gpt_layers = 0  # 0 = the model's own depth; fewer = the same width cut short (the XL dry run)
 gpt_ckpt = "out/shapes/gpt.pt"
 vq_model = "VQ-micro"
 vq_ckpt = "out/shapes/vq.pt"
@@ -41,6 +44,67 @@ group_size = 8  # G rollouts per prompt (Table F.1)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32
 seed = 0
+
+
+
+
+def make_config(cfg, argv=None, **forced):
+    """The run's config from `cfg` (the defaults of the scripts that take part), a config file and
+    --key=value overrides (argv, default sys.argv), then `forced`; plus what follows from the models."""
+    configure(cfg, argv)
+    cfg.update(forced)
+    c = SimpleNamespace(**cfg)
+    if c.vq_model not in VQ_CONFIGS:
+        raise SystemExit(f"unknown vq_model {c.vq_model!r}: one of {sorted(VQ_CONFIGS)}")
+    vq_cfg = VQ_CONFIGS[c.vq_model]
+    c.block_size = (c.image_size // 2 ** (len(vq_cfg.ch_mult) - 1)) ** 2
+    c.codebook_size = vq_cfg.codebook_size
+    c.cls_token_num = gpt_config(c.gpt_model).cls_token_num
+    c.t5_cache = os.path.join(c.out_dir, "t5_cache.safetensors")
+    check_dtype(c.device, c.dtype)
+    return c
+
+
+def gpt_overrides(c):
+    """The policy's config changes: its block of image tokens, and the layer count of a dry run."""
+    return {"block_size": c.block_size, **({"n_layer": c.gpt_layers} if c.gpt_layers else {})}
+
+
+def standalone_config(module, argv=None):
+    """A stage run alone (one process) from round folder `--init_from` of a run into a new `--out_dir`: the
+    run's config (its meta.json, so the run's config file is accepted too), the stage's defaults for keys
+    the run lacks, then the overrides; the round is the one after init_from's (it seeds the draws)."""
+    argv = sys.argv[1:] if argv is None else argv
+    init_from = next((a.split("=", 1)[1] for a in argv if a.startswith("--init_from=")), "")
+    if not os.path.isfile(os.path.join(init_from, "meta.json")):
+        raise SystemExit(f"give --init_from=ROUND_FOLDER, a round folder of a RankE run (got {init_from!r})")
+    meta = read_meta(init_from)
+    derived = ("block_size", "codebook_size", "cls_token_num", "t5_cache", "run_id", "prompts_sha1")
+    cfg = {**defaults(sys.modules[__name__]), **defaults(module),
+           **{k: v for k, v in meta["config"].items() if k not in derived}}
+    c = make_config(cfg, argv)
+    if os.path.exists(c.out_dir) and os.listdir(c.out_dir):
+        raise SystemExit(f"{c.out_dir} is not empty: choose another out_dir (nothing was overwritten)")
+    c.run_id, c.prompts_sha1, c.round = meta["run_id"], meta["config"]["prompts_sha1"], meta["round"] + 1
+    c.t5_cache = os.path.join(os.path.dirname(os.path.abspath(init_from)), "t5_cache.safetensors")  # the run's
+    check_dtype(c.device, c.dtype)
+    return c
+
+
+def standalone_finish(c, metrics, write):
+    """`write(folder)` into out_dir.tmp, then the rename: out_dir appears whole or not at all."""
+    tmp = c.out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(c.out_dir):
+        os.rmdir(c.out_dir)  # empty, checked at the start
+    commit_round(tmp, {"round": c.round, "run_id": c.run_id, "config": vars(c), "metrics": metrics})
+    print(" | ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
 
 
 # ---------------------------------------------------------------- DDP
@@ -96,11 +160,50 @@ def rng(*ints):
     return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints).encode()).hexdigest()[:15], 16))
 
 
+def autocast(c):
+    """The stages' precision, the same on every device: with dtype bfloat16 (or float16 on CUDA) the
+    forward passes run under autocast while the master weights, gradients and optimizer states stay
+    fp32; with float32, autocast is off."""
+    return torch.autocast(c.device.split(":")[0], getattr(torch, c.dtype), enabled=c.dtype != "float32")
+
+
+def grad_scaler(c):
+    """fp16 gradients underflow without loss scaling; bf16 and fp32 need none (a disabled scaler)."""
+    return torch.amp.GradScaler(c.device.split(":")[0], enabled=c.dtype == "float16")
+
+
+def check_dtype(device, dtype):
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"dtype must be 'float32', 'bfloat16' or 'float16', not {dtype!r}")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise SystemExit(f"dtype float16 needs a CUDA device (device is {device!r}): use bfloat16 or float32")
+    if dtype == "bfloat16" and device.startswith("cuda") and not torch.cuda.is_bf16_supported():
+        raise SystemExit("this GPU cannot run bfloat16: use dtype=float16 (with loss scaling) or float32")
+
+
+def reset_peak_memory(device):
+    """Start a stage's memory measurement: CUDA's allocator peak, or on Linux the process's peak RSS
+    (VmHWM, which writing 5 to /proc/self/clear_refs resets to the current RSS)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak below is then the process's lifetime peak
+
+
 def peak_memory_gb(device):
+    """The peak since reset_peak_memory: CUDA max allocated, or the CPU process's peak RSS."""
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def check_finite(loss, what, step):
@@ -175,10 +278,9 @@ def load_image(path, size):
 
 
 def caption_features(prompts, c, max_length):
-    """T5 features of prompts (left-padded, LlamaGen's layout), cached by prompt in out_dir."""
+    """T5 features of prompts (left-padded, LlamaGen's layout), cached by prompt in the run's folder."""
     from model_ar import cached_t5_embed
-    cache = os.path.join(c.out_dir, "t5_cache.safetensors")
-    return cached_t5_embed(prompts, cache, c.t5_path, c.device, torch.float32, max_length)
+    return cached_t5_embed(prompts, c.t5_cache, c.t5_path, c.device, torch.float32, max_length)
 
 
 def save_grid(images, path, nrow):
@@ -235,7 +337,7 @@ def read_meta(d):
 
 def load_round(c, d):
     """Round folder d's policy and its decoder (on the base tokenizer's encoder and codebook), on c.device."""
-    policy = load_gpt(os.path.join(d, "policy.safetensors"), c.gpt_model, block_size=c.block_size).to(c.device)
+    policy = load_gpt(os.path.join(d, "policy.safetensors"), c.gpt_model, **gpt_overrides(c)).to(c.device)
     vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
     return policy, vq
 
@@ -274,7 +376,3 @@ def load_optimizer(opt, path):
     sd["state"] = state
     opt.load_state_dict(sd)
 
-
-def set_seed(s):
-    random.seed(s)
-    torch.manual_seed(s)

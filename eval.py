@@ -121,9 +121,9 @@ def generate_images(c, rc, d, prompts, out, rank=0, world=1):
         texts = [p for _, p in batches[b]]
         cond, mask = (t.to(rc.device) for t in common.caption_features(texts, rc, policy.config.cls_token_num))
         gen = torch.Generator(rc.device).manual_seed(common.rng(c.eval_seed, b).initial_seed())
-        with torch.no_grad():
+        with torch.no_grad(), common.autocast(c):  # the evaluating process's dtype
             codes = generate(policy, cond, mask, c.eval_cfg_scale, c.eval_temperature, c.eval_top_k, c.eval_top_p, generator=gen)
-            images = vq.decode(codes).clamp(-1, 1)
+            images = vq.decode(codes).float().clamp(-1, 1)
         for k, img in enumerate(images):
             save_grid(img[None], os.path.join(out, f"{b * c.eval_batch_size + k:06d}.png"), 1)
         common.atomic_save({"codes": codes.cpu(), "prompt_ids": torch.tensor([i for i, _ in batches[b]])},
@@ -284,7 +284,7 @@ def run_config(run_dir, c):
     meta = common.read_meta(round_dir(run_dir, 0))["config"]
     rc = SimpleNamespace(**meta)
     rc.device = c.device
-    rc.out_dir = run_dir
+    rc.out_dir, rc.t5_cache = run_dir, os.path.join(run_dir, "t5_cache.safetensors")
     return rc
 
 
@@ -293,6 +293,7 @@ def main(argv=None):
     configure(cfg, argv)
     c = SimpleNamespace(**cfg)
     rank, world, c.device = init_dist(c.device)
+    common.check_dtype(c.device, c.dtype)
     results, rewards = {}, {}
     for run_dir in [c.run] + ([c.compare] if c.compare else []):
         if not os.path.isdir(round_dir(run_dir, 0)):

@@ -44,7 +44,7 @@ def grpo_loss(logp, logp_old, logp_ref, advantages, clip_eps=0.2, beta=0.05, n_t
     loss = (pg + beta * kl).sum() / n_tokens
     with torch.no_grad():  # a token is clipped when the clipped branch is the one min() kept
         clipped = ((ratio > 1 + clip_eps) & (A > 0)) | ((ratio < 1 - clip_eps) & (A < 0))
-        stats = {"clip_frac": clipped.float().mean().item(), "ratio_mean": ratio.mean().item(),
+        stats = {"clip_frac": clipped.float().mean().item(), "ratio_dev": (ratio - 1).abs().mean().item(),
                  "ratio_max": ratio.max().item(), "kl": kl.mean().item()}
         if entropy is not None:
             stats["entropy"] = entropy.float().mean().item()

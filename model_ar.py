@@ -200,7 +200,8 @@ class GPT(nn.Module):
         """Teacher-forced logits B x T x V (fp32): logits[:, t] predicts tokens[:, t] from the caption
         and tokens[:, :t]. cond: B x C x caption_dim left-padded; cond_mask: B x C (1 = caption)."""
         C = self.config.cls_token_num
-        h = torch.cat([self.cls_embedding(self.caption(cond, uncond)), self.tok_embeddings(tokens[:, :-1])], 1)
+        tok = self.tok_embeddings(tokens[:, :-1])
+        h = torch.cat([self.cls_embedding(self.caption(cond, uncond)).to(tok.dtype), tok], 1)
         L = h.shape[1]
         mask, rope = attention_mask(cond_mask, L), self.rope[:L]
         h = self.tok_dropout(h)
@@ -231,7 +232,9 @@ class GPT(nn.Module):
 
 
 def prefill(model, cond, mask, input_pos):
-    return model.step(model.cls_embedding(cond), input_pos, mask[:, :, input_pos])
+    # the residual stream in the token embeddings' dtype, as in the teacher-forced forward (fp32 under autocast)
+    h = model.cls_embedding(cond).to(model.tok_embeddings.weight.dtype)
+    return model.step(h, input_pos, mask[:, :, input_pos])
 
 
 def decode_one_token(model, token, mask, input_pos):
@@ -282,6 +285,13 @@ def cfg_batch(model, cond, cond_mask, cfg_scale):
     return torch.cat([cond, null]), torch.cat([cond_mask, cond_mask])
 
 
+def activation_dtype(model):
+    """The dtype of the model's activations: the autocast dtype while autocast is on for the model's
+    device, else the weights' dtype."""
+    device = model.output.weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.output.weight.dtype
+
+
 @torch.no_grad()
 def generate(model, cond, cond_mask, cfg_scale=7.5, temperature=1.0, top_k=1000, top_p=1.0,
              generator=None, return_logprobs=False, decode_fn=decode_one_token):
@@ -292,9 +302,10 @@ def generate(model, cond, cond_mask, cfg_scale=7.5, temperature=1.0, top_k=1000,
     cfg = model.config
     C, T = cfg.cls_token_num, cfg.block_size
     cond, cond_mask = cfg_batch(model, cond, cond_mask, cfg_scale)
-    model.setup_cache(cond.shape[0], model.output.weight.dtype)
+    dtype = activation_dtype(model)
+    model.setup_cache(cond.shape[0], dtype)  # k, v as the attention computes them: bf16 under bf16 autocast
     mask = attention_mask(cond_mask, C + T)
-    cond = cond.to(model.output.weight.dtype)
+    cond = cond.to(dtype)
     logits = prefill(model, cond, mask, torch.arange(C, device=cond.device))
     tokens, logps = [], []
     for t in range(T):

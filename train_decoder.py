@@ -2,32 +2,38 @@
 
     L_dec = lambda_bp L_BP + lambda_gan L_RankGAN + lambda_rec L_rec + lambda_cons L_cons
 
-on a chunk of rollouts (whole prompt groups, their codes re-decoded by the decoder being trained,
-ranked by the rewards they got at rollout time) and a chunk of real training images (their
-ground-truth codes from the frozen encoder). Then the discriminator's hinge step against the real
+on a step's rollouts (whole prompt groups, ranked by the rewards they got at rollout time, their codes
+re-decoded by the decoder being trained) and real training images (their ground-truth codes from the
+frozen encoder), in chunks. Then the discriminator's hinge step against the real
 images, and the EMA decoder's update. Only post_quant_conv + decoder train; the encoder and the
 codebook stay frozen so the policy's codes keep their meaning.
 
-Standalone, on a rollouts file, starting from a round folder's decoder:
+ranke.py keeps this stage's state (`init`) in memory across rounds and calls `run` once a round on the
+rollouts file Stage 1 just wrote; the decoder it leaves is handed back to Stage 1 as a file. Alone, on a
+rollouts file, starting from a round folder's decoder:
 
     python train_decoder.py --rollouts=out/ranke/round_0004/rollouts.safetensors \\
-        --init_from=out/ranke/round_0003 --out_dir=out/decoder_only
+        --init_from=out/ranke/round_0003 --out_dir=out/stage2
 """
 import copy
 import os
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
-from common import (all_reduce_grads, check_finite, load_image, load_optimizer, mean_stats,
-                    peak_memory_gb, read_pairs, read_prompts, rng, save_model, save_optimizer)
+import common
 from checkpoint import read_state_dict
+from common import (all_reduce_grads, autocast, check_finite, grad_scaler, load_image, load_optimizer, mean_stats,
+                    peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model, save_optimizer)
 from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, load_reward,
                     patchgan, rank_gan_loss, rank_weights, rec_loss)
 from model_vq import decoder_parameters, load_decoder, load_vq, save_decoder
 
 # -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
 #    marks (r) those the paper lost and NOTES.md reconstructs. --
+decoder_steps = 3  # decoder steps per round
 decoder_lr = 3e-5  # LlamaGen-XL: 1e-5 (r); 1e-4 lets the shapes decoder drift (L_rec doubles)
 decoder_weight_decay = 0.05
 decoder_betas = (0.5, 0.9)
@@ -42,15 +48,16 @@ lambda_gan = 0.5  # Eq. 6 (r)
 lambda_rec = 1.0  # Eq. 7 (r)
 lambda_cons = 1.0  # Eq. 8 (r); 10 drifts, 50 collapses the decoder
 tau = 0.1  # Eq. 6 temperature; inf = uniform GAN, small = hard best-of-N
-rank_softmax = "group"  # 'group': w = G softmax within each prompt's group | 'batch': over the chunk
+rank_softmax = "group"  # 'group': w = G softmax within each prompt's group | 'batch': over the step's rollouts
 ema_decay = 0.999
 rec_kind = "l1"  # 'l1' | 'l2'
 perceptual_weight = 1.0
 lpips_vgg = ""  # torchvision vgg16-397923af.pth; with lpips_lin, turns LPIPS on in L_rec
 lpips_lin = ""  # LPIPS heads vgg.pth (taming / LlamaGen)
-decoder_batch = 16  # rollouts per forward pass on a rank (whole groups)
-real_batch = 8  # real images per forward pass on a rank
-decoder_chunks = 1  # forward passes per optimizer step, over all ranks (the world must divide it)
+decoder_batch = 2  # rollouts per forward pass
+real_batch = 1  # real images per forward pass
+decoder_chunks = 8  # forward passes per step, dealt to ranks (the world must divide it); a step takes
+#                     decoder_chunks x decoder_batch rollouts (whole prompt groups: 16 = 2 groups here)
 decoder_grad_clip = 1.0
 rollouts = ""  # standalone: the rollouts file to train on
 init_from = ""  # standalone: the round folder to start from
@@ -58,105 +65,116 @@ init_from = ""  # standalone: the round folder to start from
 _lpips_said = False
 
 
-def decoder_stage(c, prev, cur, rnd, steps, rollouts_path, rank=0, world=1):
-    """Run `steps` decoder steps from round folder `prev` on `rollouts_path`; write the decoder,
-    the EMA decoder, the discriminator and their optimizer states into `cur`."""
+def init(c, d, reward=None, rank=0):
+    """Stage 2's state from round folder d: the decoder being trained (on the base tokenizer's frozen
+    encoder and codebook), its EMA, the discriminator, their AdamW states, LPIPS, the real images."""
     global _lpips_said
-    t0, dev = time.time(), c.device
-    if dev.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(dev)
-    amp = torch.autocast(dev.split(":")[0], getattr(torch, c.dtype), enabled=dev.startswith("cuda"))
-    R = read_state_dict(rollouts_path)
-    check_rollouts(c, rollouts_path, R)
-    prompts, pairs = read_prompts(c.train_prompts), read_pairs(c.train_pairs)
-    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(prev, "decoder.safetensors")).to(dev)
-    vq.requires_grad_(False)
-    for p in decoder_parameters(vq):
+    dev, s = c.device, SimpleNamespace(reward=reward)
+    s.prompts, s.pairs = read_prompts(c.train_prompts), read_pairs(c.train_pairs)
+    s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(dev)
+    s.vq.requires_grad_(False)
+    for p in decoder_parameters(s.vq):
         p.requires_grad_(True)
-    ema = load_decoder(copy.deepcopy(vq), os.path.join(prev, "decoder_ema.safetensors")).requires_grad_(False)
+    s.ema = load_decoder(copy.deepcopy(s.vq), os.path.join(d, "decoder_ema.safetensors")).requires_grad_(False)
     with torch.random.fork_rng():  # the same initial discriminator on every rank and world size
         torch.manual_seed(c.seed)
-        disc = patchgan(3, c.disc_ndf, c.disc_layers).to(dev)
-    if os.path.isfile(os.path.join(prev, "disc.safetensors")):
-        disc.load_state_dict(read_state_dict(os.path.join(prev, "disc.safetensors")))
-    reward = load_reward(c.reward, dev, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights) \
-        if c.lambda_bp > 0 else None
-    lpips = None
+        s.disc = patchgan(3, c.disc_ndf, c.disc_layers).to(dev)
+    if os.path.isfile(os.path.join(d, "disc.safetensors")):
+        s.disc.load_state_dict(read_state_dict(os.path.join(d, "disc.safetensors")))
+    s.lpips = None
     if c.lpips_vgg and c.lpips_lin:
-        lpips = LPIPS(c.lpips_vgg, c.lpips_lin).to(dev)
+        s.lpips = LPIPS(c.lpips_vgg, c.lpips_lin).to(dev)
     elif rank == 0 and not _lpips_said and c.perceptual_weight > 0:
         print("L_rec runs without its perceptual term: set lpips_vgg and lpips_lin to local LPIPS weights to add it")
         _lpips_said = True
-    opt = torch.optim.AdamW(decoder_parameters(vq), lr=c.decoder_lr, betas=c.decoder_betas, weight_decay=c.decoder_weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=c.decoder_betas, weight_decay=c.decoder_weight_decay)
-    load_optimizer(opt, os.path.join(prev, "opt_decoder.safetensors"))
-    load_optimizer(opt_d, os.path.join(prev, "opt_disc.safetensors"))
-    G, n_groups = c.group_size, len(R["rewards"]) // c.group_size
-    per_chunk, n_chunks = c.decoder_batch // G, c.decoder_chunks
-    stats, bar = [], range(steps)
+    s.opt = torch.optim.AdamW(decoder_parameters(s.vq), lr=c.decoder_lr, betas=c.decoder_betas,
+                              weight_decay=c.decoder_weight_decay)
+    s.opt_d = torch.optim.AdamW(s.disc.parameters(), lr=c.disc_lr, betas=c.decoder_betas, weight_decay=c.decoder_weight_decay)
+    load_optimizer(s.opt, os.path.join(d, "opt_decoder.safetensors"))
+    load_optimizer(s.opt_d, os.path.join(d, "opt_disc.safetensors"))
+    s.scaler, s.scaler_d = grad_scaler(c), grad_scaler(c)
+    return s
+
+
+def run(s, c, rnd, rollouts_path, rank=0, world=1):
+    """`decoder_steps` decoder steps of round `rnd` on the rollouts in `rollouts_path`."""
+    t0, dev = time.time(), c.device
+    reset_peak_memory(dev)
+    amp, G = autocast(c), c.group_size
+    R = read_state_dict(rollouts_path)
+    check_rollouts(c, rollouts_path, R)
+    n_groups, per_step = len(R["rewards"]) // G, c.decoder_chunks * c.decoder_batch
+    stats, bar = [], range(c.decoder_steps)
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(bar, desc=f"round {rnd} stage 2 (decoder)", leave=False)
     for step in bar:
-        global_step = (rnd - 1) * steps + step
+        global_step = (rnd - 1) * c.decoder_steps + step
         gan_on = c.lambda_gan > 0 and global_step >= c.disc_start
-        groups = torch.randperm(n_groups, generator=rng(c.seed, rnd, step, "groups"))
-        groups = groups.repeat(n_chunks * per_chunk // n_groups + 1)[:n_chunks * per_chunk].view(n_chunks, per_chunk)
-        batches = []
-        for k in range(rank, n_chunks, world):
-            idx = (groups[k][:, None] * G + torch.arange(G)).flatten()
-            real_idx = torch.randint(len(pairs), (c.real_batch,), generator=rng(c.seed, rnd, step, k, "real"))
-            real = torch.stack([load_image(pairs[i][0], c.image_size) for i in real_idx]).to(dev)
+        # the step's rollouts: whole prompt groups, ranked together (Eq. 6), then cut into chunks
+        groups = torch.randperm(n_groups, generator=rng(c.seed, rnd, step, "groups")).repeat(per_step // (n_groups * G) + 1)
+        idx = (groups[:per_step // G, None] * G + torch.arange(G)).flatten()
+        rank_w = rank_weights(R["rewards"][idx], c.tau, G if c.rank_softmax == "group" else None)
+        chunks = []
+        for k in range(rank, c.decoder_chunks, world):
+            rows = slice(k * c.decoder_batch, (k + 1) * c.decoder_batch)
+            real_idx = torch.randint(len(s.pairs), (c.real_batch,), generator=rng(c.seed, rnd, step, k, "real"))
+            real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in real_idx]).to(dev)
             with torch.no_grad():
-                gt_codes = vq.encode(real)
-            batches.append((R["codes"][idx].to(dev), R["rewards"][idx].to(dev),
-                            [prompts[i] for i in R["prompt_ids"][idx]], real, gt_codes))
-        opt.zero_grad(set_to_none=True)
-        fakes = []
-        for codes, rewards, texts, real, gt_codes in batches:  # the decoder's step, Eq. 4
+                gt_codes = s.vq.encode(real)
+            chunks.append(SimpleNamespace(codes=R["codes"][idx[rows]].to(dev), rank_w=rank_w[rows].to(dev),
+                                          texts=[s.prompts[i] for i in R["prompt_ids"][idx[rows]]],
+                                          real=real, gt_codes=gt_codes))
+        s.opt.zero_grad(set_to_none=True)
+        weights = {"L_rec": c.lambda_rec, "L_cons": c.lambda_cons, "L_BP": c.lambda_bp, "L_RankGAN": c.lambda_gan}
+        for ch in chunks:  # the decoder's step, Eq. 4
             with amp:
-                images = vq.decode(codes)
+                ch.images = s.vq.decode(ch.codes)
                 with torch.no_grad():
-                    ema_images = ema.decode(codes)
-                terms = {"L_rec": rec_loss(vq.decode(gt_codes), real, c.rec_kind, lpips, c.perceptual_weight),
-                         "L_cons": cons_loss(images, ema_images)}
+                    ema_images = s.ema.decode(ch.codes)
+                terms = {"L_rec": rec_loss(s.vq.decode(ch.gt_codes), ch.real, c.rec_kind, s.lpips, c.perceptual_weight),
+                         "L_cons": cons_loss(ch.images, ema_images)}
                 if c.lambda_bp > 0:
-                    terms["L_BP"] = bp_loss(reward, images, texts)
+                    terms["L_BP"] = bp_loss(s.reward, ch.images, ch.texts)
+                w = dict(weights)
                 if gan_on:
-                    w = rank_weights(rewards, c.tau, G if c.rank_softmax == "group" else None)
-                    terms["L_RankGAN"] = rank_gan_loss(disc(images), w, c.gen_loss)
-                weights = {"L_rec": c.lambda_rec, "L_cons": c.lambda_cons, "L_BP": c.lambda_bp, "L_RankGAN": c.lambda_gan}
-                if gan_on and c.disc_adaptive_weight:
-                    weights["L_RankGAN"] *= adaptive_weight(terms["L_rec"], terms["L_RankGAN"], vq.decoder.conv_out.weight)
-                loss = sum(weights[k] * v for k, v in terms.items())
+                    terms["L_RankGAN"] = rank_gan_loss(s.disc(ch.images), ch.rank_w, c.gen_loss)
+                    if c.disc_adaptive_weight:
+                        w["L_RankGAN"] *= adaptive_weight(terms["L_rec"], terms["L_RankGAN"], s.vq.decoder.conv_out.weight)
+                loss = sum(w[k] * v for k, v in terms.items())
             for k, v in terms.items():
                 check_finite(v, k, step)
-            (loss / len(batches)).backward()
-            fakes.append(images.detach())
+            s.scaler.scale(loss / len(chunks)).backward()
             stats.append({k: v.item() for k, v in terms.items()})
-        all_reduce_grads(decoder_parameters(vq), world)
-        torch.nn.utils.clip_grad_norm_(decoder_parameters(vq), c.decoder_grad_clip)
-        opt.step()
-        ema_update(ema, vq, c.ema_decay)
+        all_reduce_grads(decoder_parameters(s.vq), world)
+        s.scaler.unscale_(s.opt)
+        torch.nn.utils.clip_grad_norm_(decoder_parameters(s.vq), c.decoder_grad_clip)
+        s.scaler.step(s.opt)
+        s.scaler.update()
+        ema_update(s.ema, s.vq, c.ema_decay)
         if gan_on:  # the discriminator's step: real training images against the policy's decodings
-            opt_d.zero_grad(set_to_none=True)
-            for (_, _, _, real, _), fake in zip(batches, fakes):
+            s.opt_d.zero_grad(set_to_none=True)
+            for ch in chunks:
                 with amp:
-                    d_loss, acc = disc_loss(disc(real), disc(fake))
+                    d_loss, acc = disc_loss(s.disc(ch.real), s.disc(ch.images.detach()))
                 check_finite(d_loss, "discriminator loss", step)
-                (d_loss / len(batches)).backward()
+                s.scaler_d.scale(d_loss / len(chunks)).backward()
                 stats.append({"L_disc": d_loss.item(), "disc_acc": acc})
-            all_reduce_grads(disc.parameters(), world)
-            opt_d.step()
+            all_reduce_grads(s.disc.parameters(), world)
+            s.scaler_d.step(s.opt_d)
+            s.scaler_d.update()
     metrics = mean_stats(stats, world, dev)
-    if rank == 0:
-        save_decoder(vq, os.path.join(cur, "decoder.safetensors"))
-        save_decoder(ema, os.path.join(cur, "decoder_ema.safetensors"))
-        save_model(disc, os.path.join(cur, "disc.safetensors"))
-        save_optimizer(opt, os.path.join(cur, "opt_decoder.safetensors"))
-        save_optimizer(opt_d, os.path.join(cur, "opt_disc.safetensors"))
     metrics.update(decoder_time_s=time.time() - t0, decoder_peak_gb=peak_memory_gb(dev))
     return metrics
+
+
+def save(s, d):
+    """The stage's state into folder d (rank 0): decoder, EMA decoder, discriminator, AdamW states."""
+    save_decoder(s.vq, os.path.join(d, "decoder.safetensors"))
+    save_decoder(s.ema, os.path.join(d, "decoder_ema.safetensors"))
+    save_model(s.disc, os.path.join(d, "disc.safetensors"))
+    save_optimizer(s.opt, os.path.join(d, "opt_decoder.safetensors"))
+    save_optimizer(s.opt_d, os.path.join(d, "opt_disc.safetensors"))
 
 
 def check_rollouts(c, path, R):
@@ -173,5 +191,11 @@ def check_rollouts(c, path, R):
 
 
 if __name__ == "__main__":
-    import ranke
-    ranke.decoder_only_on_file()
+    c = common.standalone_config(sys.modules[__name__])
+    if not os.path.isfile(c.rollouts):
+        raise SystemExit(f"give --rollouts=FILE, a rollouts.safetensors of the same run (got {c.rollouts!r})")
+    reward = load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights) \
+        if c.lambda_bp > 0 else None
+    s = init(c, c.init_from, reward)
+    m = run(s, c, c.round, c.rollouts)
+    common.standalone_finish(c, m, lambda folder: save(s, folder))

@@ -1,34 +1,41 @@
 """Stage 1 of RankE: GRPO on the policy with the decoder frozen (Eq. 3).
 
 Per step: a batch of prompts, G rollouts each from the KV-cached CFG sampler (with their pi_old
-log-probs), decoded by the round's frozen decoder, scored, ranked into group advantages; then
-`ppo_epochs` clipped updates over those rollouts, each followed by the EMA update of pi_ref. The
-rollouts are written for Stage 2.
+log-probs), decoded by the frozen decoder, scored, ranked into group advantages; then `ppo_epochs`
+clipped updates over those rollouts, each followed by the EMA update of pi_ref.
 
-Standalone this is the paper's policy-only baseline (Std. RL): rounds of Stage 1 with the decoder
-frozen, i.e. `python ranke.py --mode=policy_only`:
+ranke.py keeps this stage's state (`init`) in memory across rounds and calls `run` once a round; the
+stages hand over plain safetensors files (this stage's rollouts, the other stage's decoder). Alone,
+this script runs Stage 1 from a round folder and writes the policy, pi_ref, their optimizer state and
+the rollouts into a new folder (the paper's Std. RL is `python ranke.py --mode=policy_only`):
 
-    python train_policy.py [config file] [--key=value ...]
+    python train_policy.py --init_from=out/ranke/round_0003 --out_dir=out/stage1 [--policy_steps=N]
 """
 import os
+import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
-from common import (all_gather, all_reduce_grads, caption_features, check_finite, load_optimizer,
-                    mean_stats, peak_memory_gb, read_prompts, rng, save_model, save_optimizer)
+import common
 from checkpoint import atomic_save
+from common import (all_gather, all_reduce_grads, autocast, caption_features, check_finite, grad_scaler,
+                    load_optimizer, mean_stats, peak_memory_gb, read_prompts, reset_peak_memory, rng, save_model,
+                    save_optimizer)
 from losses import ema_update, group_advantages, grpo_loss, load_reward
 from model_ar import generate, load_gpt, token_logprobs
 from model_vq import load_decoder, load_vq
 
 # -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
 #    marks (r) those the paper lost and NOTES.md reconstructs. --
+policy_steps = 3  # GRPO steps per round
 policy_lr = 5e-5  # LlamaGen-XL: 1e-6 (r)
 policy_weight_decay = 0.01
 policy_betas = (0.9, 0.999)
 prompts_per_step = 8  # global batch of prompts per GRPO step, each with group_size rollouts
-prompts_per_chunk = 4  # prompts per forward pass on a rank; fixes how the batch is split and seeded
+prompts_per_chunk = 1  # prompts per forward pass; a chunk is also the unit of seeding and of dealing to
+#                        ranks, so the step's chunks (8 here) must divide among the ranks: 1, 2, 4 or 8
 ppo_epochs = 2  # clipped updates per rollout batch (with one, the ratio is always 1 and clip never acts)
 clip_eps = 0.2
 beta = 0.05  # KL coefficient
@@ -38,81 +45,119 @@ temperature = 1.0
 top_k = 0
 top_p = 0.9
 logprob = "sampler"  # 'sampler': the distribution that drew the token | 'cond_only': published baselines
+old_logprobs = "recompute"  # pi_old: 'recompute' (the training forward, no grad: the first ratio is exactly 1) |
+#                             'sampler' (recorded while sampling: in bf16 up to 5% of tokens start outside the clip)
 policy_grad_clip = 1.0
+init_from = ""  # standalone: the round folder to start from
 
 
-def policy_stage(c, prev, cur, rnd, steps, rank=0, world=1, update=True):
-    """Run `steps` GRPO steps from round folder `prev`; write the policy, pi_ref, their optimizer
-    state and the rollouts into `cur`. update=False only draws and scores rollouts (decoder-only)."""
+def init(c, d, reward, update=True):
+    """Stage 1's state from round folder d: the policy, pi_ref and their AdamW state (when the stage
+    updates the policy), and the frozen decoder that turns rollouts into images for the reward."""
+    dev, s = c.device, SimpleNamespace(reward=reward, update=update)
+    s.prompts = read_prompts(c.train_prompts)
+    s.policy = load_gpt(os.path.join(d, "policy.safetensors"), c.gpt_model, **common.gpt_overrides(c)).to(dev)
+    s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(dev)
+    s.vq.requires_grad_(False)
+    if update:
+        s.ref = load_gpt(os.path.join(d, "policy_ref.safetensors"), c.gpt_model, **common.gpt_overrides(c)).to(dev)
+        s.ref.requires_grad_(False)
+        s.opt = torch.optim.AdamW(s.policy.parameters(), lr=c.policy_lr, betas=c.policy_betas,
+                                  weight_decay=c.policy_weight_decay)
+        load_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
+        s.scaler = grad_scaler(c)
+    else:
+        s.policy.requires_grad_(False)
+    return s
+
+
+def set_decoder(s, path):
+    """The hand-over from Stage 2: the decoder that decodes the next rollouts for the reward."""
+    load_decoder(s.vq, path)
+
+
+def run(s, c, rnd, rank=0, world=1):
+    """`policy_steps` GRPO steps of round `rnd` (only draws and scores rollouts if not s.update).
+    Returns the rollouts of every rank in chunk order (the same on any world size) and the metrics."""
     t0, dev = time.time(), c.device
-    if dev.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(dev)
-    amp = torch.autocast(dev.split(":")[0], getattr(torch, c.dtype), enabled=dev.startswith("cuda"))
-    prompts = read_prompts(c.train_prompts)
-    policy = load_gpt(os.path.join(prev, "policy.safetensors"), c.gpt_model, block_size=c.block_size).to(dev)
-    ref = load_gpt(os.path.join(prev, "policy_ref.safetensors"), c.gpt_model, block_size=c.block_size).to(dev)
-    ref.requires_grad_(False)
-    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(prev, "decoder.safetensors")).to(dev)
-    vq.requires_grad_(False)
-    reward = load_reward(c.reward, dev, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights)
-    opt = torch.optim.AdamW(policy.parameters(), lr=c.policy_lr, betas=c.policy_betas, weight_decay=c.policy_weight_decay)
-    load_optimizer(opt, os.path.join(prev, "opt_policy.safetensors"))
-    C, G = policy.config.cls_token_num, c.group_size
+    reset_peak_memory(dev)
+    amp, G, C = autocast(c), c.group_size, s.policy.config.cls_token_num
     sampling = dict(cfg_scale=c.cfg_scale, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+    cond_only = c.logprob == "cond_only"
     n_chunks = c.prompts_per_step // c.prompts_per_chunk
+    n_tokens = c.prompts_per_step * G * c.block_size / world  # see grpo_loss: global tokens / world
     stats, saved = [], {"codes": [], "rewards": [], "prompt_ids": [], "logp_old": [], "chunk": []}
-    bar = range(steps)
+    bar = range(c.policy_steps)
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(bar, desc=f"round {rnd} stage 1 (GRPO)", leave=False)
     for step in bar:
-        order = torch.randperm(len(prompts), generator=rng(c.seed, rnd, step))[:c.prompts_per_step]
-        chunks = order.view(n_chunks, c.prompts_per_chunk)
+        order = torch.randperm(len(s.prompts), generator=rng(c.seed, rnd, step))[:c.prompts_per_step]
         rollouts = []
         for k in range(rank, n_chunks, world):  # sample, decode, score
-            ids = chunks[k].repeat_interleave(G)
-            cond, mask = (t.to(dev) for t in caption_features([prompts[i] for i in ids], c, C))
+            ids = order.view(n_chunks, c.prompts_per_chunk)[k].repeat_interleave(G)
+            texts = [s.prompts[i] for i in ids]
+            cond, mask = (t.to(dev) for t in caption_features(texts, c, C))
             gen = torch.Generator(dev).manual_seed(rng(c.seed, rnd, step, k).initial_seed())
             with torch.no_grad(), amp:
-                codes, logp_old = generate(policy, cond, mask, generator=gen, return_logprobs=True, **sampling)
-                policy.free_cache()
-                r = reward(vq.decode(codes), [prompts[i] for i in ids]).float()
-                logp_ref, _ = token_logprobs(ref, codes, cond, mask, **sampling, cond_only=c.logprob == "cond_only")
-            adv, flat = group_advantages(r, G)
-            rollouts.append((ids, cond, mask, codes, logp_old, logp_ref, adv, r, flat))
-            for key, v in zip(saved, (codes, r, ids, logp_old, torch.full_like(ids, step * n_chunks + k))):
+                codes, logp_old = generate(s.policy, cond, mask, generator=gen, return_logprobs=True, **sampling)
+                s.policy.free_cache()
+                rewards = s.reward(s.vq.decode(codes), texts).float()
+                if c.old_logprobs == "recompute":  # pi_old from exactly the forward the update will run
+                    logp_old, _ = token_logprobs(s.policy, codes, cond, mask, **sampling, cond_only=cond_only)
+                logp_ref = token_logprobs(s.ref, codes, cond, mask, **sampling, cond_only=cond_only)[0] \
+                    if s.update else None
+            advantages, flat = group_advantages(rewards, G)
+            rollouts.append(SimpleNamespace(cond=cond, mask=mask, codes=codes, logp_old=logp_old.float(),
+                                            logp_ref=logp_ref, advantages=advantages, rewards=rewards, flat=flat))
+            for key, v in zip(saved, (codes, rewards, ids, logp_old, torch.full_like(ids, step * n_chunks + k))):
                 saved[key].append(v.cpu())
-        n_tokens = c.prompts_per_step * G * c.block_size / world  # see grpo_loss: global tokens / world
-        for epoch in range(c.ppo_epochs if update else 0):  # PPO: clipped updates on these rollouts
-            opt.zero_grad(set_to_none=True)
-            for ids, cond, mask, codes, logp_old, logp_ref, adv, r, flat in rollouts:
+        for epoch in range(1, c.ppo_epochs + 1 if s.update else 0):  # PPO: clipped updates on these rollouts
+            s.opt.zero_grad(set_to_none=True)
+            for r in rollouts:
                 with amp:
-                    logp, entropy = token_logprobs(policy, codes, cond, mask, **sampling, cond_only=c.logprob == "cond_only")
-                    loss, st = grpo_loss(logp, logp_old, logp_ref, adv, c.clip_eps, c.beta, n_tokens, entropy)
+                    logp, entropy = token_logprobs(s.policy, r.codes, r.cond, r.mask, **sampling, cond_only=cond_only)
+                    loss, st = grpo_loss(logp, r.logp_old, r.logp_ref, r.advantages, c.clip_eps, c.beta, n_tokens, entropy)
                 check_finite(loss, "GRPO loss", step)
-                loss.backward()
-                stats.append(st)
-            all_reduce_grads(policy.parameters(), world)
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), c.policy_grad_clip)
-            opt.step()
-            ema_update(ref, policy, c.ref_decay)
-        stats.append({"reward": torch.cat([x[7] for x in rollouts]).mean().item(),
-                      "zero_adv_groups": sum(x[8] for x in rollouts) / len(rollouts)})
+                s.scaler.scale(loss).backward()
+                # per epoch: in the first, how far pi_old is from the training forward (ratio ~1); then the clip's work
+                stats.append({**{f"{k}_epoch{epoch}": st[k] for k in ("clip_frac", "ratio_dev", "ratio_max")},
+                              **({"kl": st["kl"], "entropy": st["entropy"]} if epoch == 1 else {})})
+            all_reduce_grads(s.policy.parameters(), world)
+            s.scaler.unscale_(s.opt)
+            torch.nn.utils.clip_grad_norm_(s.policy.parameters(), c.policy_grad_clip)
+            s.scaler.step(s.opt)
+            s.scaler.update()
+            ema_update(s.ref, s.policy, c.ref_decay)
+        stats.append({"reward": torch.cat([r.rewards for r in rollouts]).mean().item(),
+                      "zero_adv_groups": sum(r.flat for r in rollouts) / len(rollouts)})
     metrics = mean_stats(stats, world, dev)
-    # the rollouts of every rank, in chunk order (the same file on any world size)
     out = {k: all_gather(torch.cat(v).to(dev), world).cpu() for k, v in saved.items()}
-    perm = out.pop("chunk").argsort(stable=True)
-    if rank == 0:
-        meta = {"run_id": c.run_id, "round": str(rnd), "prompts_sha1": c.prompts_sha1}
-        atomic_save({k: v[perm] for k, v in out.items()}, os.path.join(cur, "rollouts.safetensors"), meta)
-        if update:
-            save_model(policy, os.path.join(cur, "policy.safetensors"))
-            save_model(ref, os.path.join(cur, "policy_ref.safetensors"))
-            save_optimizer(opt, os.path.join(cur, "opt_policy.safetensors"))
+    order = out.pop("chunk").argsort(stable=True)
     metrics.update(policy_time_s=time.time() - t0, policy_peak_gb=peak_memory_gb(dev))
-    return metrics
+    return {k: v[order] for k, v in out.items()}, metrics
+
+
+def save(s, d):
+    """The stage's state into folder d (rank 0): the policy, pi_ref and their AdamW state."""
+    save_model(s.policy, os.path.join(d, "policy.safetensors"))
+    save_model(s.ref, os.path.join(d, "policy_ref.safetensors"))
+    save_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
+
+
+def save_rollouts(rollouts, c, rnd, path):
+    """The hand-over to Stage 2, tagged with the run and the prompt file (rollouts name prompts by index)."""
+    meta = {"run_id": c.run_id, "round": str(rnd), "prompts_sha1": c.prompts_sha1}
+    atomic_save(rollouts, path, meta)
+
+
+def write(s, rollouts, c, rnd, d):
+    save(s, d)
+    save_rollouts(rollouts, c, rnd, os.path.join(d, "rollouts.safetensors"))
 
 
 if __name__ == "__main__":
-    import ranke
-    ranke.main(mode="policy_only")
+    c = common.standalone_config(sys.modules[__name__])
+    s = init(c, c.init_from, load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights))
+    rollouts, m = run(s, c, c.round)
+    common.standalone_finish(c, m, lambda folder: write(s, rollouts, c, c.round, folder))
