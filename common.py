@@ -46,8 +46,6 @@ dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype
 seed = 0
 
 
-
-
 def make_config(cfg, argv=None, **forced):
     """The run's config from `cfg` (the defaults of the scripts that take part), a config file and
     --key=value overrides (argv, default sys.argv), then `forced`; plus what follows from the models."""
@@ -61,7 +59,6 @@ def make_config(cfg, argv=None, **forced):
     c.codebook_size = vq_cfg.codebook_size
     c.cls_token_num = gpt_config(c.gpt_model).cls_token_num
     c.t5_cache = os.path.join(c.out_dir, "t5_cache.safetensors")
-    check_dtype(c.device, c.dtype)
     return c
 
 

@@ -189,6 +189,22 @@ def test_bf16_autocast_sampler_is_greedy_on_the_teacher_forced_logits(gpt):
     assert gpt.output.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_decode_step_samples_eager_tokens(gpt, backend):
+    """generate() with a torch.compile'd decode step (fullgraph; inductor's default mode is bench.py's
+    choice on CPU, CUDA graphs being CUDA-only) draws exactly eager's tokens, greedy and seeded.
+    aot_eager checks the capture of the step and its KV-cache writes; inductor the compiled kernels
+    (about 20 s cold on 2 cores: C++ code generation)."""
+    compiled = torch.compile(model_ar.decode_one_token, backend=backend, fullgraph=True)
+    cond, mask = captions(gpt.config, [3, 6, 8])
+    greedy = generate(gpt, cond, mask, 4.0, temperature=0, decode_fn=compiled)
+    assert torch.equal(greedy, generate(gpt, cond, mask, 4.0, temperature=0))
+    seeded = lambda: torch.Generator().manual_seed(5)
+    a, lp_a = generate(gpt, cond, mask, 4.0, 1.0, 10, 0.9, generator=seeded(), return_logprobs=True, decode_fn=compiled)
+    b, lp_b = generate(gpt, cond, mask, 4.0, 1.0, 10, 0.9, generator=seeded(), return_logprobs=True)
+    assert torch.equal(a, b) and (lp_a - lp_b).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("cfg_scale,top_k,top_p", [(1.0, 0, 1.0), (4.0, 0, 1.0), (4.0, 10, 1.0), (7.5, 20, 0.8)])
 def test_sampler_and_teacher_forced_logprobs_agree(gpt, cfg_scale, top_k, top_p):
     cond, mask = captions(gpt.config, [3, 8, 1, 5])
@@ -908,14 +924,16 @@ def held_out_rewards(c, d, prompts, n, seed=123):
 
 def test_short_grpo_raises_held_out_reward(shapes_prepared, tmp_path):
     """The learning signal reaches the policy: 10 GRPO steps (32 prompts x 8 rollouts each, lr 4e-4,
-    seed 0, decoder frozen) on the prepared world raise the mean reward on its 64 held-out prompts (48
-    of them unseen compositions), 32 samples a prompt before and after, by more than 3 standard
+    seed 0, chunks of 4 prompts, pi_old from the sampler, decoder frozen) on the prepared world raise
+    the mean reward on its 64 held-out prompts (48 of them unseen compositions), 32 samples a prompt
+    before and after, by more than 3 standard
     errors of the sampling noise. A policy that learned nothing would gain 0 +- 1 SE (a false pass
     < 0.2%). Measured on 2 cores: +0.040 and +0.044 in cosine (z = 6.1 and 7.0) for GRPO seeds 0
     and 1 (base 0.49); with 8 prompts a step the gain was unreliable (-0.020 to +0.048 in 20 steps)."""
     out = str(tmp_path / "grpo")
     c = ranke.main(shapes_args(shapes_prepared, out, "--mode=policy_only", "--rounds=1", "--policy_steps=10",
-                               "--prompts_per_step=32", "--policy_lr=4e-4", "--seed=0", "--eval_every=0",
+                               "--prompts_per_step=32", "--prompts_per_chunk=4", "--old_logprobs=sampler",
+                               "--policy_lr=4e-4", "--seed=0", "--eval_every=0",
                                "--sample_every=0"))
     prompts, n = read_prompts(f"{shapes_prepared}/prompts_heldout.txt"), 32
     before = held_out_rewards(c, os.path.join(out, "round_0000"), prompts, n)

@@ -53,5 +53,6 @@ lpips_lin = "pretrained_models/lpips_vgg.pth"
 rounds = 600  # (r) how the 6k steps split into rounds
 policy_steps = 10
 decoder_steps = 10
+save_every = 20  # the full state (~13 GB) every 200 policy steps; the hand-over files every round
 sample_every = 20
 eval_every = 0  # COCO-30K is its own job: eval.py config/eval_coco.py
