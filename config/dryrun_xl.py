@@ -1,4 +1,4 @@
-# A dry run of the real LlamaGen-XL path at its real shapes, on a CPU: GPT-XL (36 layers), VQ-16, 256 px
+# A dry run of the real LlamaGen-XL path (config/llamagen_xl_clip.py's values) at its real shapes, on a CPU: GPT-XL (36 layers), VQ-16, 256 px
 # images (16 x 16 = 256 tokens), FLAN-T5-XL's 2048-wide features and a ViT-L/14 CLIP reward, all with
 # random weights in the official file formats (data/xl_dryrun/prepare.py builds them into out/xl_dryrun,
 # 4.8 GB, in about a minute), for one round with one prompt group of 2 rollouts. It checks the plumbing --
@@ -8,31 +8,25 @@
 # practical on CPU (on a GPU: --device=cuda --dtype=bfloat16). Even in fp32 the full 36 layers hold the
 # policy, pi_ref, its gradients and AdamW's two moments (about 20 bytes a parameter, ~16 GB) besides the
 # activations, CLIP ViT-L/14 and the decoder stage: estimated well over 20 GB of RAM.
+import os
+exec(open(os.path.join(os.path.dirname(__file__), "llamagen_xl_clip.py")).read())  # the preset's values ...
+# ... but the models, data and sizes of the dry run
 out_dir = "out/xl_dryrun_run"
 prepare = "data/xl_dryrun/prepare.py --out=out/xl_dryrun"
-gpt_model = "GPT-XL"
 gpt_ckpt = "out/xl_dryrun/gpt.pt"
-vq_model = "VQ-16"
 vq_ckpt = "out/xl_dryrun/vq.pt"
-image_size = 256
 t5_path = "out/xl_dryrun/t5"
 train_prompts = "out/xl_dryrun/prompts.txt"
 train_pairs = "out/xl_dryrun/pairs.jsonl"
-reward = "clip"
 clip_model = "ViT-L-14"
 clip_weights = "out/xl_dryrun/clip_vit_l_14.pt"
-clip_quick_gelu = True
+lpips_vgg = ""  # no LPIPS files here: L_rec is L1
+lpips_lin = ""
 
-# Stage 1 (GRPO): one prompt, 2 rollouts (x 2 rows for CFG)
+# Stage 1 (GRPO): one prompt, 2 rollouts (x 2 rows for CFG); Stage 2: that group and one real image
 group_size = 2
 prompts_per_step = 1
 prompts_per_chunk = 1
-ppo_epochs = 2
-cfg_scale = 7.5
-top_k = 0
-top_p = 0.9
-
-# Stage 2 (decoder): the one group, one real image
 decoder_batch = 2
 real_batch = 1
 decoder_chunks = 1
@@ -41,6 +35,7 @@ decoder_chunks = 1
 rounds = 1
 policy_steps = 1
 decoder_steps = 1
+save_every = 1
 sample_every = 0
 eval_every = 0
 dtype = "float32"
