@@ -694,11 +694,11 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
     p = run_script(world, f"--rollouts={tmp_path}/cut.safetensors", f"--init_from={other}/round_0001",
                    f"--out_dir={tmp_path / 'dec'}", script="train_decoder.py")
     assert p.returncode != 0 and "truncated or corrupt" in p.stderr and not (tmp_path / "dec").exists()
-    for extra, message in [("--dtype=float16", "float16 needs a CUDA device"), ("--save_every=0", "save_every must be >= 1"),
-                           ("--old_logprobs=fresh", "old_logprobs must be one of"),
-                           ("--logprob=cond_only", "cond_only needs old_logprobs=recompute")]:
+    for extra, message in [(["--dtype=float16"], "float16 needs a CUDA device"), (["--save_every=0"], "save_every must be >= 1"),
+                           (["--old_logprobs=fresh"], "old_logprobs must be one of"),
+                           (["--logprob=cond_only", "--old_logprobs=sampler"], "cond_only needs old_logprobs=recompute")]:
         with pytest.raises(SystemExit, match=message):
-            ranke.main([world, f"--out_dir={tmp_path / 'new'}", "--device=cpu", extra])
+            ranke.main([world, f"--out_dir={tmp_path / 'new'}", "--device=cpu", *extra])
         assert not (tmp_path / "new").exists()
 
 

@@ -131,21 +131,21 @@ def random_gpt(path, n_layer, seed):
     torch.manual_seed(seed)
     gpt = GPT(gpt_config("GPT-XL", n_layer=n_layer))
     nn.init.normal_(gpt.output.weight, std=0.02)
-    sd = gpt.state_dict()
-    save_torch({"model": sd}, path)
-    n = n_params(sd)
-    del gpt, sd
-    gc.collect()
-    return n
+    return save_and_free(gpt, path, "model")
 
 
 def random_vq(path, seed):
     torch.manual_seed(seed)
-    vq = VQModel(VQ_CONFIGS["VQ-16"])
-    sd = vq.state_dict()
-    save_torch({"model": sd}, path)
+    return save_and_free(VQModel(VQ_CONFIGS["VQ-16"]), path, "model")
+
+
+def save_and_free(model, path, key=None):
+    """Save the state_dict (under `key`, as the official file has it) and free the model before the
+    next one is built; returns the number of numbers saved."""
+    sd = model.state_dict()
+    save_torch({key: sd} if key else sd, path)
     n = n_params(sd)
-    del vq, sd
+    del model, sd
     gc.collect()
     return n
 
@@ -156,12 +156,7 @@ def random_clip(path, seed):
     import open_clip
     torch.manual_seed(seed)
     model = open_clip.create_model(CLIP_MODEL, pretrained=None, force_quick_gelu=True)
-    sd = model.state_dict()
-    save_torch(sd, path)
-    n = n_params(sd)
-    del model, sd
-    gc.collect()
-    return n
+    return save_and_free(model, path)
 
 
 def prepare(out="out/xl_dryrun", n_layer=36, seed=0):
