@@ -237,6 +237,11 @@ class Reward:
         return (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
 
+def run_reward(c):
+    """The run's reward model, from its config (ranke.py shares it between the stages)."""
+    return load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights)
+
+
 def load_reward(reward, device, clip_model="ViT-B-32", clip_weights="", clip_quick_gelu=True, hps_weights=""):
     """reward = "clip" (differentiable; OpenAI weights loaded from a file need quick_gelu) or
     "hpsv2" (ViT-H-14 with HPS_v2(.1)_compressed.pt, scored without gradients)."""

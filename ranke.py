@@ -28,7 +28,7 @@ import train_policy
 from common import (autocast, caption_features, carry_over, check_dtype, commit_round, init_dist, last_round,
                     read_meta, read_prompts, round_dir, save_grid, save_model)
 from configurator import defaults
-from losses import load_reward
+from losses import run_reward
 from model_ar import fill_t5_cache, generate, load_gpt
 from model_vq import load_vq, save_decoder
 
@@ -223,7 +223,7 @@ def main(argv=None, **forced):
     barrier(world)
     # each stage's models and optimizer states stay in memory from here to the end; the reward is shared
     d = round_dir(c.out_dir, start)
-    reward = load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights)
+    reward = run_reward(c)
     policy = train_policy.init(c, d, reward, update=c.mode != "decoder_only")
     decoder = train_decoder.init(c, d, reward, rank) if c.mode != "policy_only" else None
     if rank == 0 and c.sample_every and start == 0 and not os.path.exists(os.path.join(d, "samples.png")):

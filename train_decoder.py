@@ -27,7 +27,7 @@ import common
 from checkpoint import read_state_dict
 from common import (all_reduce_grads, autocast, check_finite, grad_scaler, load_image, load_optimizer, mean_stats,
                     peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model, save_optimizer)
-from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, load_reward,
+from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, run_reward,
                     patchgan, rank_gan_loss, rank_weights, rec_loss)
 from model_vq import decoder_parameters, load_decoder, load_vq, save_decoder
 
@@ -194,8 +194,7 @@ if __name__ == "__main__":
     c = common.standalone_config(sys.modules[__name__])
     if not os.path.isfile(c.rollouts):
         raise SystemExit(f"give --rollouts=FILE, a rollouts.safetensors of the same run (got {c.rollouts!r})")
-    reward = load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights) \
-        if c.lambda_bp > 0 else None
+    reward = run_reward(c) if c.lambda_bp > 0 else None
     s = init(c, c.init_from, reward)
     m = run(s, c, c.round, c.rollouts)
     common.standalone_finish(c, m, lambda folder: save(s, folder))

@@ -23,7 +23,7 @@ from checkpoint import atomic_save
 from common import (all_gather, all_reduce_grads, autocast, caption_features, check_finite, grad_scaler,
                     load_optimizer, mean_stats, peak_memory_gb, read_prompts, reset_peak_memory, rng, save_model,
                     save_optimizer)
-from losses import ema_update, group_advantages, grpo_loss, load_reward
+from losses import ema_update, group_advantages, grpo_loss, run_reward
 from model_ar import generate, load_gpt, token_logprobs
 from model_vq import load_decoder, load_vq
 
@@ -158,6 +158,6 @@ def write(s, rollouts, c, rnd, d):
 
 if __name__ == "__main__":
     c = common.standalone_config(sys.modules[__name__])
-    s = init(c, c.init_from, load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights))
+    s = init(c, c.init_from, run_reward(c))
     rollouts, m = run(s, c, c.round)
     common.standalone_finish(c, m, lambda folder: write(s, rollouts, c, c.round, folder))
