@@ -277,7 +277,7 @@ if mode == "memory":
         for p in [*policy.parameters(), *decoder_parameters(vq), *disc.parameters()]:
             p.grad = torch.zeros_like(p)  # resident: a chunk accumulates into them
         reward = Reward.__new__(Reward)  # Reward() reads open_clip weights from a file; the same object, fake CLIP
-        reward.name, reward.differentiable, reward.model = "clip", True, clip
+        reward.name, reward.differentiable, reward.model, reward.resize = "clip", True, clip, "crop"
         reward.size = open_clip.get_model_preprocess_cfg(clip)["size"][0]
         reward.mean, reward.std = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
         reward.text_cache = {"": torch.zeros(clip.text_projection.shape[1])}  # text features: once per prompt

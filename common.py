@@ -35,15 +35,28 @@ image_size = 32
 t5_path = "out/shapes/t5"
 train_prompts = "out/shapes/prompts_train.txt"  # .txt (a prompt a line), .csv / .tsv (a Prompt column) or .jsonl
 train_pairs = "out/shapes/pairs.jsonl"  # {"image": path, "caption": text} a line: real images for Stage 2
-reward = "clip"  # 'clip' (differentiable) | 'hpsv2' (black box)
+reward = "clip"  # terms joined by '+': 'clip' (differentiable) | 'hpsv2' (black box) | 'aesthetic' (LAION head on CLIP-L)
 clip_model = "out/shapes/clip.json"  # an open_clip model name, or the path of an open_clip JSON config
 clip_weights = "out/shapes/clip.pt"
 clip_quick_gelu = False  # True for OpenAI's weights
+clip_scale = 1.0  # each term's weight in the reward: the release scores 100 cos
 hps_weights = ""
+hps_scale = 1.0
+aesthetic_weights = ""  # sac+logos+ava1-l14-linearMSE.pth
+aesthetic_scale = 1.0
+reward_resize = "crop"  # images to the reward's square: 'crop' (open_clip's bicubic + centre crop) | 'squash' (release)
+caption_padding = "left"  # T5 features 'left'-padded (LlamaGen's training layout) | 'right' (the release)
 group_size = 8  # G rollouts per prompt (Table F.1)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32
 seed = 0
+SWITCHES = {"caption_padding": ("left", "right"), "reward_resize": ("crop", "squash")}
+
+
+def bad_switch(c, switches):
+    """The message for the first string switch whose value is not one of its choices, else ''."""
+    return next((f"{k} must be one of {', '.join(map(repr, v))}, not {getattr(c, k)!r}"
+                 for k, v in switches.items() if getattr(c, k) not in v), "")
 
 
 def make_config(cfg, argv=None, **forced):
@@ -85,6 +98,9 @@ def standalone_config(module, argv=None):
     c.run_id, c.prompts_sha1, c.round = meta["run_id"], meta["config"]["prompts_sha1"], meta["round"] + 1
     c.t5_cache = os.path.join(os.path.dirname(os.path.abspath(init_from)), "t5_cache.safetensors")  # the run's
     check_dtype(c.device, c.dtype)
+    msg = bad_switch(c, SWITCHES) or bad_switch(c, module.SWITCHES)
+    if msg:
+        raise SystemExit(msg)
     return c
 
 
@@ -275,9 +291,9 @@ def load_image(path, size):
 
 
 def caption_features(prompts, c, max_length):
-    """T5 features of prompts (left-padded, LlamaGen's layout), cached by prompt in the run's folder."""
+    """T5 features of prompts, padded as c.caption_padding says, cached by prompt in the run's folder."""
     from model_ar import cached_t5_embed
-    return cached_t5_embed(prompts, c.t5_cache, c.t5_path, c.device, torch.float32, max_length)
+    return cached_t5_embed(prompts, c.t5_cache, c.t5_path, c.device, torch.float32, max_length, c.caption_padding)
 
 
 def save_grid(images, path, nrow):

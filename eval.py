@@ -47,6 +47,7 @@ eval_cfg_scale = 4.0  # LlamaGen's COCO protocol: 7.5, top-k 1000, top-p 1.0, te
 eval_temperature = 1.0
 eval_top_k = 0
 eval_top_p = 1.0
+eval_caption_padding = ""  # "" = the run's; 'left' | 'right' (the authors' release's COCO sampling)
 eval_seed = 1234
 kl_smoothing = 0.5  # add-alpha smoothing of the code histograms
 grid_prompts = 16
@@ -119,7 +120,8 @@ def generate_images(c, rc, d, prompts, out, rank=0, world=1):
         bar = tqdm(todo, desc=f"generating {os.path.basename(d)}", leave=False)
     for b in bar:
         texts = [p for _, p in batches[b]]
-        cond, mask = (t.to(rc.device) for t in common.caption_features(texts, rc, policy.config.cls_token_num))
+        padded = SimpleNamespace(**{**vars(rc), "caption_padding": c.eval_caption_padding or rc.caption_padding})
+        cond, mask = (t.to(rc.device) for t in common.caption_features(texts, padded, policy.config.cls_token_num))
         gen = torch.Generator(rc.device).manual_seed(common.rng(c.eval_seed, b).initial_seed())
         with torch.no_grad(), common.autocast(c):  # the evaluating process's dtype
             codes = generate(policy, cond, mask, c.eval_cfg_scale, c.eval_temperature, c.eval_top_k, c.eval_top_p, generator=gen)
@@ -198,7 +200,9 @@ def evaluate_round(c, rc, d, rank=0, world=1):
     from losses import Reward
     from model_vq import load_vq
     prompts = read_prompts(c.eval_prompts)
-    out = os.path.join(d, "eval")
+    sampling = [c.eval_prompts, c.eval_n_per_prompt, c.eval_batch_size, c.eval_cfg_scale, c.eval_temperature,
+                c.eval_top_k, c.eval_top_p, c.eval_caption_padding or rc.caption_padding, c.eval_seed]
+    out = os.path.join(d, "eval_" + hashlib.sha1(repr(sampling).encode()).hexdigest()[:8])  # images of these settings
     generate_images(c, rc, d, prompts, out, rank, world)
     if world > 1:
         torch.distributed.barrier()
@@ -282,7 +286,7 @@ def curves(results, path, reward_by_round):
 
 def run_config(run_dir, c):
     meta = common.read_meta(round_dir(run_dir, 0))["config"]
-    rc = SimpleNamespace(**meta)
+    rc = SimpleNamespace(**{**defaults(common), **meta})  # a run from before a key existed has its default
     rc.device = c.device
     rc.out_dir, rc.t5_cache = run_dir, os.path.join(run_dir, "t5_cache.safetensors")
     return rc

@@ -9,6 +9,7 @@
 
 Nothing here differentiates through sampling or quantisation: policy codes arrive as integers.
 """
+import math
 import os
 
 import torch
@@ -29,17 +30,18 @@ def group_advantages(rewards, group_size, eps=1e-4):
     return adv.view(-1), flat.float().mean().item()
 
 
-def grpo_loss(logp, logp_old, logp_ref, advantages, clip_eps=0.2, beta=0.05, n_tokens=None, entropy=None):
+def grpo_loss(logp, logp_old, logp_ref, advantages, clip_eps=0.2, beta=0.05, n_tokens=None, entropy=None, kl="k3"):
     """Eq. 3, token level. logp (differentiable), logp_old (pi_old at sampling time), logp_ref: B x T;
     advantages: B. The sum over tokens is divided by `n_tokens`: pass the active tokens of the whole
     global batch divided by the world size, so that neither gradient accumulation nor DDP's gradient
-    averaging changes the loss (default: this batch's tokens). KL is the k3 estimator
-    q/p - log(q/p) - 1 with q = pi_ref, p = pi_theta (>= 0, unbiased for KL(pi_theta || pi_ref))."""
+    averaging changes the loss (default: this batch's tokens). The KL estimator, with q = pi_ref and
+    p = pi_theta: "k3" = q/p - log(q/p) - 1 (>= 0, unbiased for KL(pi_theta || pi_ref); the paper) or
+    "k2" = (log p - log q)^2 / 2 (the authors' release)."""
     ratio = torch.exp(logp - logp_old)
     A = advantages[:, None]
     pg = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
     log_q_p = logp_ref - logp
-    kl = torch.exp(log_q_p) - log_q_p - 1
+    kl = torch.exp(log_q_p) - log_q_p - 1 if kl == "k3" else 0.5 * log_q_p ** 2
     n_tokens = logp.numel() if n_tokens is None else n_tokens
     loss = (pg + beta * kl).sum() / n_tokens
     with torch.no_grad():  # a token is clipped when the clipped branch is the one min() kept
@@ -79,6 +81,30 @@ def rank_weights(rewards, tau, group_size=None):
         return torch.ones_like(r)
     r = r.view(-1, group_size) if group_size else r.view(1, -1)
     return (r.shape[1] * torch.softmax(r / tau, dim=1)).view(-1)
+
+
+def top_k_weights(rewards, group_size, k, temp):
+    """The release's decoder-stage selection: the k best rollouts of each prompt's group (rollouts of a
+    group are contiguous), weighted k softmax(r / temp) within the group (mean 1). Returns the indices of
+    the selected rollouts, best first in each group, and their weights (k = 1: the best, weight 1)."""
+    r = rewards.detach().float().view(-1, group_size)
+    top, order = r.topk(k, dim=1)
+    idx = order + torch.arange(len(r))[:, None] * group_size
+    return idx.flatten(), (k * torch.softmax(top / temp, dim=1)).flatten()
+
+
+def schedule(kind, step, start_step, end_step, start_value, end_value):
+    """A weight that moves from start_value (until start_step) to end_value (from end_step): 'linear',
+    or 'sin' (half a cosine, flat at both ends), as the authors' release schedules L_cons and the
+    selection temperature."""
+    if step >= end_step:
+        return end_value
+    if step <= start_step:
+        return start_value
+    t = (step - start_step) / (end_step - start_step)
+    if kind == "sin":
+        t = 0.5 * (1 - math.cos(math.pi * t))
+    return start_value + (end_value - start_value) * t
 
 
 def gen_adv_loss(logits_fake, kind="hinge"):
@@ -129,25 +155,30 @@ def patchgan(in_channels=3, ndf=64, n_layers=3):
 
 
 def rec_loss(recon, x, kind="l1", lpips=None, perceptual_weight=1.0):
-    """Eq. 7: the tokenizer's own loss on ground-truth codes, L1 (or L2) plus optional LPIPS."""
+    """Eq. 7: the tokenizer's own loss on ground-truth codes, L1 ("l1") or L2 ("l2") plus optional LPIPS."""
     loss = F.l1_loss(recon, x) if kind == "l1" else F.mse_loss(recon, x)
     if lpips is not None:
         loss = loss + perceptual_weight * lpips(recon, x).mean()
     return loss
 
 
-def cons_loss(images, ema_images):
-    """Eq. 8: MSE to the EMA decoder's images of the same policy codes (the teacher gets no gradient)."""
+def cons_loss(images, ema_images, lpips=None):
+    """Eq. 8: MSE to the EMA decoder's images of the same policy codes (the teacher gets no gradient);
+    with an LPIPS module, LPIPS between the two instead (the authors' release)."""
+    if lpips is not None:
+        return lpips(images, ema_images.detach()).mean()
     return F.mse_loss(images, ema_images.detach())
 
 
-def bp_loss(reward, images, prompts):
-    """Eq. 5: minus the differentiable reward of D_phi(sg(z)). `images` must come from decoding
-    detached policy codes; the reward model is frozen, so gradients reach the decoder only."""
+def bp_loss(reward, images, prompts, weights=None):
+    """Eq. 5: minus the differentiable reward of D_phi(sg(z)), weighted per image if given. `images`
+    must come from decoding detached policy codes; the reward model is frozen, so gradients reach the
+    decoder only."""
     if not reward.differentiable:
         raise ValueError(f"L_BP needs a differentiable reward, and {reward.name} is scored as a black box: "
                          f"set lambda_bp = 0 (Rank-GAN carries its signal to the decoder)")
-    return -reward(images, prompts).mean()
+    r = reward(images, prompts)
+    return -(r if weights is None else weights * r).mean()
 
 
 class LPIPS(nn.Module):
@@ -186,16 +217,18 @@ class LPIPS(nn.Module):
 class Reward:
     """R(x, c) with an open_clip model (a name, or the path of an open_clip JSON config): cosine of
     the L2-normalised image and text features (no logit scale). Images come in as B x 3 x H x W
-    tensors in [-1, 1] and are preprocessed in torch (bicubic resize of the short side, centre crop,
-    the model's mean / std) so the score stays differentiable. Text features of each prompt are
-    computed once. CLIP score as reported = 100 x this."""
+    tensors, are clamped to [-1, 1] (as evaluation sees them) and preprocessed in torch so the score
+    stays differentiable: resize="crop" is open_clip's bicubic resize of the short side and centre crop,
+    "squash" the authors' release's bilinear resize of the whole image to the model's square. Then the
+    model's mean / std. Text features of each prompt are computed once. CLIP score as reported = 100 x this."""
 
-    def __init__(self, name, model_name, weights, device="cpu", differentiable=True, quick_gelu=False, prefix=""):
+    def __init__(self, name, model_name, weights, device="cpu", differentiable=True, quick_gelu=False, prefix="",
+                 resize="crop"):
         import open_clip
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{name} reward weights not found: {weights} (give a local open_clip "
                                     f"checkpoint for {model_name}; nothing is downloaded)")
-        self.name, self.differentiable, self.prefix = name, differentiable, prefix
+        self.name, self.differentiable, self.prefix, self.resize = name, differentiable, prefix, resize
         if model_name.endswith(".json"):  # an architecture of one's own: open_clip's config format
             open_clip.add_model_config(model_name)
             model_name = os.path.basename(model_name)[:-len(".json")]
@@ -210,10 +243,12 @@ class Reward:
         self.device, self.text_cache = device, {}
 
     def preprocess(self, x):
-        x = (x.float() + 1) / 2
+        x = (x.float().clamp(-1, 1) + 1) / 2
         H, W = x.shape[-2:]
-        s = self.size / min(H, W)
-        if (H, W) != (self.size, self.size):
+        if self.resize == "squash" and (H, W) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        elif (H, W) != (self.size, self.size):
+            s = self.size / min(H, W)
             x = F.interpolate(x, size=(max(self.size, round(H * s)), max(self.size, round(W * s))),
                               mode="bicubic", align_corners=False, antialias=True)
             top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
@@ -237,16 +272,64 @@ class Reward:
         return (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
 
+class Aesthetic:
+    """The LAION aesthetic predictor: an MLP (768 -> 1024 -> 128 -> 64 -> 16 -> 1, no activations, its
+    dropout off) on the L2-normalised image features of a CLIP ViT-L/14 reward; weights from a local
+    `sac+logos+ava1-l14-linearMSE.pth` (keys layers.{0,2,4,6,7}.weight / .bias). Differentiable."""
+
+    def __init__(self, clip, weights):
+        from checkpoint import read_state_dict
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"aesthetic head weights not found: {weights} (LAION's "
+                                    f"sac+logos+ava1-l14-linearMSE.pth; nothing is downloaded)")
+        sd = read_state_dict(weights)
+        self.layers = [(sd[f"layers.{i}.weight"].float().to(clip.device), sd[f"layers.{i}.bias"].float().to(clip.device))
+                       for i in (0, 2, 4, 6, 7)]
+        if self.layers[0][0].shape[1] != clip.model.visual.output_dim:
+            raise ValueError(f"the aesthetic head takes {self.layers[0][0].shape[1]}-d CLIP features, and "
+                             f"clip_model gives {clip.model.visual.output_dim}: use clip_model=ViT-L-14")
+        self.clip, self.name, self.differentiable = clip, "aesthetic", clip.differentiable
+
+    def __call__(self, images, prompts):
+        h = self.clip.image_features(images)
+        for w, b in self.layers:
+            h = F.linear(h, w, b)
+        return h[:, 0]
+
+
+class RewardSum:
+    """The run's reward: sum_i scale_i R_i(x, c) over the named rewards (not normalised, as in the
+    authors' release). Differentiable only if every term is (L_BP needs all of it)."""
+
+    def __init__(self, terms):
+        self.terms = terms  # [(scale, reward)]
+        self.name = "+".join(r.name for _, r in terms)
+        self.differentiable = all(r.differentiable for _, r in terms)
+
+    def __call__(self, images, prompts):
+        return sum(scale * r(images, prompts) for scale, r in self.terms)
+
+
+REWARDS = ("clip", "hpsv2", "aesthetic")
+
+
+def reward_terms(c):
+    """The names in c.reward ('clip', 'clip+aesthetic', ...), or a ValueError naming the choices."""
+    names = c.reward.split("+")
+    if any(n not in REWARDS for n in names) or len(set(names)) < len(names):
+        raise ValueError(f"unknown reward {c.reward!r}: '+'-join distinct terms of {', '.join(REWARDS)}")
+    return names
+
+
 def run_reward(c):
-    """The run's reward model, from its config (ranke.py shares it between the stages)."""
-    return load_reward(c.reward, c.device, c.clip_model, c.clip_weights, c.clip_quick_gelu, c.hps_weights)
-
-
-def load_reward(reward, device, clip_model="ViT-B-32", clip_weights="", clip_quick_gelu=True, hps_weights=""):
-    """reward = "clip" (differentiable; OpenAI weights loaded from a file need quick_gelu) or
-    "hpsv2" (ViT-H-14 with HPS_v2(.1)_compressed.pt, scored without gradients)."""
-    if reward == "clip":
-        return Reward("clip", clip_model, clip_weights, device, True, clip_quick_gelu)
-    if reward == "hpsv2":
-        return Reward("hpsv2", "ViT-H-14", hps_weights, device, False)
-    raise ValueError(f"unknown reward {reward!r}: use 'clip' or 'hpsv2'")
+    """The run's reward from its config: `reward` names the terms joined by '+' ('clip' differentiable,
+    on clip_model; 'hpsv2' on ViT-H-14, scored without gradients; 'aesthetic' on the clip term's
+    features, which must be ViT-L/14), each times its scale (e.g. clip_scale = 100 for 100 cos)."""
+    names, clip = reward_terms(c), None
+    if "clip" in names or "aesthetic" in names:
+        clip = Reward("clip", c.clip_model, c.clip_weights, c.device, True, c.clip_quick_gelu, resize=c.reward_resize)
+    terms = {"clip": lambda: clip,
+             "hpsv2": lambda: Reward("hpsv2", "ViT-H-14", c.hps_weights, c.device, False, resize=c.reward_resize),
+             "aesthetic": lambda: Aesthetic(clip, c.aesthetic_weights)}
+    scales = {"clip": c.clip_scale, "hpsv2": c.hps_scale, "aesthetic": c.aesthetic_scale}
+    return RewardSum([(scales[n], terms[n]()) for n in names])

@@ -2,7 +2,8 @@
 and the FLAN-T5 caption encoder.
 
 Module names and shapes are those of the official t2i checkpoints (`t2i_XL_stage1_256.pt`), and the
-conditioning is LlamaGen's exactly: 120 caption slots, left-padded with zeros, the caption padding
+conditioning is LlamaGen's exactly: 120 caption slots, left-padded with zeros (right padding is the
+authors' release's), the caption padding
 hidden from every query but each position always sees itself, and for CFG a second batch half with the
 learned null caption under the same mask. Two quirks of the official model are kept on purpose, since
 the checkpoints were trained with them: the 2-D rotary table is zero for the caption slots (so their
@@ -327,13 +328,19 @@ def token_logprobs(model, tokens, cond, cond_mask, cfg_scale=7.5, temperature=1.
     By default the distribution is the sampler's: log_softmax((u + s (c - u)) / temperature) over the
     top-k / top-p set, which is chosen on the current logits and always holds the given token (so no
     -inf). The gradient reaches the unconditional branch with weight (1 - s). cond_only=True gives the
-    conditional-logit variant of published GRPO baselines (AR-GRPO, T2I-R1), which ignores CFG."""
+    conditional logits' full softmax, without guidance, temperature or filtering: the log-prob of
+    published GRPO baselines (AR-GRPO, T2I-R1) and of the authors' release."""
+    if cond_only:
+        logits = model(tokens, cond, cond_mask)
+        logp_all = logits.log_softmax(-1)
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp_all.gather(-1, tokens[..., None])[..., 0], entropy
     if temperature <= 0:
         raise ValueError("token_logprobs needs temperature > 0 (greedy decoding has no log-prob to train)")
-    s = 1.0 if cond_only else cfg_scale
-    cond2, mask2 = cfg_batch(model, cond, cond_mask, s)
-    logits = model(torch.cat([tokens, tokens]) if s > 1.0 else tokens, cond2, mask2)
-    z = guide(logits, s) / temperature
+    cond2, mask2 = cfg_batch(model, cond, cond_mask, cfg_scale)
+    logits = model(torch.cat([tokens, tokens]) if cfg_scale > 1.0 else tokens, cond2, mask2)
+    z = guide(logits, cfg_scale) / temperature
     keep = filter_keep(z.detach(), top_k, top_p)
     keep.scatter_(-1, tokens[..., None], True)
     z = z.masked_fill(~keep, float("-inf"))
@@ -368,13 +375,16 @@ def load_t5(path, device="cpu", dtype=torch.float32):
 
 
 @torch.no_grad()
-def t5_embed(prompts, tokenizer, encoder, max_length=120):
-    """Caption features as LlamaGen feeds them: B x max_length x D, valid tokens moved to the end and
-    zeros before them (left padding), and the mask B x max_length. Text is lower-cased and stripped
-    (LlamaGen's cleaning without its ftfy / BeautifulSoup steps)."""
+def t5_embed(prompts, tokenizer, encoder, max_length=120, padding="left"):
+    """Caption features B x max_length x D and their mask B x max_length. padding="left" is LlamaGen's
+    layout: valid tokens moved to the end, zeros before them. "right" is the tokenizer's own layout,
+    as the authors' release feeds it: valid tokens first, then T5's outputs at the padding. Text is
+    lower-cased and stripped (LlamaGen's cleaning without its ftfy / BeautifulSoup steps)."""
     b = tokenizer([p.lower().strip() for p in prompts], max_length=max_length, padding="max_length",
                   truncation=True, return_tensors="pt").to(encoder.device)
     emb = encoder(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+    if padding == "right":
+        return emb, b.attention_mask
     n = b.attention_mask.sum(1, keepdim=True)  # valid tokens per prompt, right-padded by the tokenizer
     rolled = (torch.arange(max_length, device=emb.device) + n) % max_length  # row j <- token (j + n) % L
     emb = emb.gather(1, rolled[..., None].expand_as(emb))
@@ -388,15 +398,16 @@ def prompt_key(prompt):
 
 def fill_t5_cache(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120,
                   batch_size=64):
-    """Add the T5 features of the prompts missing from a safetensors cache keyed by prompt (only the
-    valid rows are stored); T5 is loaded only if some prompt is missing."""
+    """Add the T5 features of the prompts missing from a safetensors cache keyed by prompt: the valid
+    rows, and under key + "/pad" the output at the last slot when it is padding (right padding feeds it
+    to the policy: the first image token is predicted from that slot). T5 loads only if some are missing."""
     from safetensors import safe_open
     from safetensors.torch import load_file
     have = set()
     if os.path.isfile(cache_file):
         with safe_open(cache_file, "pt") as f:
             have = set(f.keys())
-    todo = sorted({p for p in prompts if prompt_key(p) not in have})
+    todo = sorted({p for p in prompts if prompt_key(p) not in have or prompt_key(p) + "/pad" not in have})
     if not todo:
         return
     if t5_path is None:
@@ -404,22 +415,28 @@ def fill_t5_cache(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.f
     tokenizer, encoder = load_t5(t5_path, device, dtype)
     cache = load_file(cache_file) if have else {}
     for i in range(0, len(todo), batch_size):
-        emb, mask = t5_embed(todo[i:i + batch_size], tokenizer, encoder, max_length)
+        emb, mask = t5_embed(todo[i:i + batch_size], tokenizer, encoder, max_length, padding="right")
         for p, e, m in zip(todo[i:i + batch_size], emb, mask):
             cache[prompt_key(p)] = e[m.bool()].cpu()
+            cache[prompt_key(p) + "/pad"] = e[-1:].cpu() if m[-1] == 0 else e[:0].cpu()
     atomic_save(cache, cache_file)
 
 
-def cached_t5_embed(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120):
-    """t5_embed through the cache (filled first if needed); reads only these prompts' rows.
-    Returns (B x max_length x D, B x max_length) on the CPU."""
+def cached_t5_embed(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120,
+                    padding="left"):
+    """t5_embed through the cache (filled first if needed); reads only these prompts' rows. Right
+    padding has zeros where t5_embed has T5's padding outputs, but for the last slot: the rest are hidden
+    from every query and never predict a token. Returns (B x max_length x D, B x max_length) on the CPU."""
     from safetensors import safe_open
     fill_t5_cache(prompts, cache_file, t5_path, device, dtype, max_length)
     with safe_open(cache_file, "pt") as f:
-        feats = [f.get_tensor(prompt_key(p)) for p in prompts]
-    emb = torch.zeros(len(prompts), max_length, feats[0].shape[-1], dtype=feats[0].dtype)
+        feats = [(f.get_tensor(prompt_key(p)), f.get_tensor(prompt_key(p) + "/pad")) for p in prompts]
+    emb = torch.zeros(len(prompts), max_length, feats[0][0].shape[-1], dtype=feats[0][0].dtype)
     mask = torch.zeros(len(prompts), max_length, dtype=torch.long)
-    for i, f in enumerate(feats):
-        if len(f):
+    for i, (f, pad) in enumerate(feats):
+        if padding == "right":
+            emb[i, :len(f)], mask[i, :len(f)] = f, 1
+            emb[i, max_length - len(pad):] = pad
+        elif len(f):
             emb[i, -len(f):], mask[i, -len(f):] = f, 1
     return emb, mask

@@ -28,7 +28,7 @@ import train_policy
 from common import (autocast, caption_features, carry_over, check_dtype, commit_round, init_dist, last_round,
                     read_meta, read_prompts, round_dir, save_grid, save_model)
 from configurator import defaults
-from losses import run_reward
+from losses import reward_terms, run_reward
 from model_ar import fill_t5_cache, generate, load_gpt
 from model_vq import load_vq, save_decoder
 
@@ -74,11 +74,10 @@ def validate(c, rank, world):
     def need(ok, msg):
         if not ok:
             raise SystemExit(msg if rank == 0 else 1)
-    def one_of(key, values):
-        need(getattr(c, key) in values, f"{key} must be one of {', '.join(map(repr, values))}, not {getattr(c, key)!r}")
-    one_of("mode", ("ranke", "policy_only", "decoder_only"))
-    one_of("logprob", ("sampler", "cond_only"))
-    one_of("old_logprobs", ("sampler", "recompute"))
+    for switches in ({"mode": ("ranke", "policy_only", "decoder_only")}, common.SWITCHES, train_policy.SWITCHES,
+                     train_decoder.SWITCHES):
+        msg = common.bad_switch(c, switches)
+        need(not msg, msg)
     need(not (c.logprob == "cond_only" and c.old_logprobs == "sampler"),
          "logprob=cond_only needs old_logprobs=recompute: the sampler's log-probs are of the guided distribution, "
          "so the PPO ratio would compare two different distributions")
@@ -97,7 +96,7 @@ def validate(c, rank, world):
                     f"{c.prompts_per_chunk}) cannot be dealt evenly to {world} ranks: set "
                     + (f"prompts_per_chunk={fits[0]} or " if fits else "")
                     + f"prompts_per_step={split_hint(n, world) * c.prompts_per_chunk}")
-    need(c.decoder_chunks * c.decoder_batch % c.group_size == 0,
+    need(c.selection == "top_k" or c.decoder_chunks * c.decoder_batch % c.group_size == 0,
          f"a decoder step takes whole prompt groups: decoder_chunks x decoder_batch ({c.decoder_chunks} x "
          f"{c.decoder_batch}) must be a multiple of group_size ({c.group_size})")
     if c.decoder_chunks % world:
@@ -106,11 +105,22 @@ def validate(c, rank, world):
                     f"ranks: set decoder_chunks={split_hint(c.decoder_chunks, world, step)}")
     for key in ("gpt_ckpt", "vq_ckpt", "train_prompts", "train_pairs"):
         need(os.path.isfile(getattr(c, key)), f"{key} not found: {getattr(c, key)}")
-    one_of("reward", ("clip", "hpsv2"))
-    weights = c.clip_weights if c.reward == "clip" else c.hps_weights
-    need(os.path.isfile(weights), f"{c.reward} reward weights not found: {weights}")
-    need(not (c.reward == "hpsv2" and c.lambda_bp > 0 and c.mode != "policy_only"),
+    try:
+        terms = reward_terms(c)
+    except ValueError as e:
+        need(False, str(e))
+    files = {"clip": c.clip_weights, "hpsv2": c.hps_weights, "aesthetic": c.aesthetic_weights}
+    for t in terms + (["clip"] if "aesthetic" in terms else []):
+        need(os.path.isfile(files[t]), f"{t} reward weights not found: {files[t]!r}")
+    need(not ("hpsv2" in terms and c.lambda_bp > 0 and c.mode != "policy_only"),
          "HPSv2 is a black-box reward: set lambda_bp=0 (Rank-GAN carries its signal to the decoder)")
+    need(c.tau > 0, f"tau must be > 0 (inf = uniform weights; small = nearly best-of-N), not {c.tau}")
+    need(1 <= c.select_k <= c.group_size and c.decoder_chunks * c.decoder_batch % c.select_k == 0,
+         f"select_k ({c.select_k}) must be within 1..group_size and divide decoder_chunks x decoder_batch")
+    need(min(c.select_temp_start, c.select_temp_end) > 0, "select_temp_start and select_temp_end must be > 0")
+    need(c.ref_update_every >= 1, f"ref_update_every must be >= 1, not {c.ref_update_every}")
+    need(c.cons_kind == "mse" or (c.lpips_vgg and c.lpips_lin),
+         "cons_kind=lpips needs LPIPS weights: set lpips_vgg and lpips_lin (or cons_kind=mse)")
     prompts = read_prompts(c.train_prompts)
     common.read_pairs(c.train_pairs, check_images=True)
     need(len(prompts) >= c.prompts_per_step, f"{c.train_prompts} has {len(prompts)} prompts, fewer than prompts_per_step ({c.prompts_per_step})")
@@ -144,7 +154,7 @@ def sample_grid(c, policy, vq, path):
 
 def log_line(rnd, m):
     keys = ["reward", "kl", *sorted(k for k in m if k.startswith("clip_frac_epoch")), "ratio_dev_epoch1", "entropy",
-            "zero_adv_groups", "L_rec", "L_cons", "L_BP", "L_RankGAN", "L_disc", "disc_acc"]
+            "zero_adv_groups", "L_rec", "L_cons", "L_BP", "L_RankGAN", "L_GAN_rec", "L_disc", "disc_acc"]
     parts = [f"{k} {m[k]:.4g}" for k in keys if k in m]
     times = [f"{s} {m[s + '_time_s']:.1f}s {m[s + '_peak_gb']:.2f}GB" for s in ("policy", "decoder") if s + "_time_s" in m]
     return f"round {rnd} | " + " | ".join(parts + times)
@@ -243,7 +253,7 @@ def main(argv=None, **forced):
         if decoder is not None:
             m.update(train_decoder.run(decoder, c, rnd, rollouts_file, rank, world))
             if rank == 0:
-                save_decoder(decoder.vq, decoder_file)
+                save_decoder(decoder.vq if c.reward_decoder == "decoder" else decoder.ema, decoder_file)
             barrier(world)
             train_policy.set_decoder(policy, decoder_file)  # the next round's rewards see this decoder
         evaluated = c.eval_every and (rnd % c.eval_every == 0 or rnd == c.rounds)

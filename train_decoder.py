@@ -6,7 +6,9 @@ on a step's rollouts (whole prompt groups, ranked by the rewards they got at rol
 re-decoded by the decoder being trained) and real training images (their ground-truth codes from the
 frozen encoder), in chunks. Then the discriminator's hinge step against the real
 images, and the EMA decoder's update. Only post_quant_conv + decoder train; the encoder and the
-codebook stay frozen so the policy's codes keep their meaning.
+codebook stay frozen so the policy's codes keep their meaning. Where the authors' released code does
+otherwise (the best rollout of each group only, a discriminator that learns from reconstructions,
+LPIPS consistency, ...), a switch below says so; config/released.py sets them all.
 
 ranke.py keeps this stage's state (`init`) in memory across rounds and calls `run` once a round on the
 rollouts file Stage 1 just wrote; the decoder it leaves is handed back to Stage 1 as a file. Alone, on a
@@ -27,28 +29,44 @@ import common
 from checkpoint import read_state_dict
 from common import (all_reduce_grads, autocast, check_finite, grad_scaler, load_image, load_optimizer, mean_stats,
                     peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model, save_optimizer)
-from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, run_reward,
-                    patchgan, rank_gan_loss, rank_weights, rec_loss)
+from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, gen_adv_loss, patchgan,
+                    rank_gan_loss, rank_weights, rec_loss, run_reward, schedule, top_k_weights)
 from model_vq import decoder_parameters, load_decoder, load_vq, save_decoder
 
 # -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
-#    marks (r) those the paper lost and NOTES.md reconstructs. --
+#    marks (r) those the paper lost and this project reconstructs. --
 decoder_steps = 3  # decoder steps per round
 decoder_lr = 3e-5  # LlamaGen-XL: 1e-5 (r); 1e-4 lets the shapes decoder drift (L_rec doubles)
 decoder_weight_decay = 0.05
 decoder_betas = (0.5, 0.9)
 disc_lr = 3e-5  # LlamaGen-XL: 1e-5 (r)
+disc_weight_decay = 0.05
+disc_betas = (0.5, 0.9)
 disc_ndf = 64
 disc_layers = 3
 disc_start = 0  # decoder steps (over the whole run) before the GAN terms turn on
-disc_adaptive_weight = False  # VQGAN's |grad L_rec| / |grad L_gan| at the last layer (LlamaGen: off)
+disc_weight = 1.0  # scales the discriminator's loss and every GAN term of the decoder (the release: 0.5)
+disc_fakes = "policy"  # the discriminator's fakes: 'policy' (the decodings Rank-GAN trains) |
+#                        'reconstructions' (of the real images' ground-truth codes: the release)
+rec_gan = False  # L_rec gains the tokenizer's GAN term on its reconstructions, with VQGAN's adaptive weight (the release)
 gen_loss = "hinge"  # generator side of the GAN: 'hinge' | 'non_saturating'
 lambda_bp = 0.1  # Eq. 5 (r); 0 for a black-box reward
 lambda_gan = 0.5  # Eq. 6 (r)
 lambda_rec = 1.0  # Eq. 7 (r)
 lambda_cons = 1.0  # Eq. 8 (r); 10 drifts, 50 collapses the decoder
-tau = 0.1  # Eq. 6 temperature; inf = uniform GAN, small = hard best-of-N
-rank_softmax = "group"  # 'group': w = G softmax within each prompt's group | 'batch': over the step's rollouts
+cons_kind = "mse"  # L_cons: 'mse' (Eq. 8) | 'lpips' (the release; needs lpips_vgg / lpips_lin)
+cons_schedule = "none"  # lambda_cons over the run's decoder steps: 'none' | 'linear' | 'sin', from
+cons_start_step, cons_end_step = 0, 1000  # cons_start_value (until cons_start_step) to cons_end_value
+cons_start_value, cons_end_value = 0.0, 1.0  # (from cons_end_step)
+disc_first = False  # the discriminator's step before the decoder's in each step (the release) | after (the paper)
+clamp_policy_images = False  # the policy decodings clamped to [-1, 1] before the discriminator and L_cons (the release)
+selection = "rank_softmax"  # the rollouts Stage 2 trains on, and their weights (Eq. 6): 'rank_softmax' (all,
+#                             w = N softmax(r / tau)) | 'top_k' (the select_k best of each group, w = K softmax(r / T))
+tau = 0.1  # rank_softmax: the temperature; inf = uniform GAN, small = hard best-of-N
+rank_softmax = "group"  # rank_softmax: 'group' (w = G softmax within each prompt's group) | 'batch' (the step's)
+select_k = 1  # top_k: rollouts kept per group (the release: 1, weight 1)
+select_temp_start, select_temp_end = 4.0, 1.0  # top_k: T anneals (half a cosine) between them over the first
+select_anneal = 0.2  # fraction of the run's decoder steps (inert with select_k = 1)
 ema_decay = 0.999
 rec_kind = "l1"  # 'l1' | 'l2'
 perceptual_weight = 1.0
@@ -61,6 +79,9 @@ decoder_chunks = 8  # forward passes per step, dealt to ranks (the world must di
 decoder_grad_clip = 1.0
 rollouts = ""  # standalone: the rollouts file to train on
 init_from = ""  # standalone: the round folder to start from
+SWITCHES = {"disc_fakes": ("policy", "reconstructions"), "gen_loss": ("hinge", "non_saturating"),
+            "cons_kind": ("mse", "lpips"), "cons_schedule": ("none", "linear", "sin"),
+            "selection": ("rank_softmax", "top_k"), "rank_softmax": ("group", "batch"), "rec_kind": ("l1", "l2")}
 
 _lpips_said = False
 
@@ -89,7 +110,7 @@ def init(c, d, reward=None, rank=0):
         _lpips_said = True
     s.opt = torch.optim.AdamW(decoder_parameters(s.vq), lr=c.decoder_lr, betas=c.decoder_betas,
                               weight_decay=c.decoder_weight_decay)
-    s.opt_d = torch.optim.AdamW(s.disc.parameters(), lr=c.disc_lr, betas=c.decoder_betas, weight_decay=c.decoder_weight_decay)
+    s.opt_d = torch.optim.AdamW(s.disc.parameters(), lr=c.disc_lr, betas=c.disc_betas, weight_decay=c.disc_weight_decay)
     load_optimizer(s.opt, os.path.join(d, "opt_decoder.safetensors"))
     load_optimizer(s.opt_d, os.path.join(d, "opt_disc.safetensors"))
     s.scaler, s.scaler_d = grad_scaler(c), grad_scaler(c)
@@ -104,17 +125,25 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
     R = read_state_dict(rollouts_path)
     check_rollouts(c, rollouts_path, R)
     n_groups, per_step = len(R["rewards"]) // G, c.decoder_chunks * c.decoder_batch
+    top_k = c.selection == "top_k"
+    groups_per_step = per_step // (c.select_k if top_k else G)
     stats, bar = [], range(c.decoder_steps)
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(bar, desc=f"round {rnd} stage 2 (decoder)", leave=False)
     for step in bar:
-        global_step = (rnd - 1) * c.decoder_steps + step
-        gan_on = c.lambda_gan > 0 and global_step >= c.disc_start
-        # the step's rollouts: whole prompt groups, ranked together (Eq. 6), then cut into chunks
-        groups = torch.randperm(n_groups, generator=rng(c.seed, rnd, step, "groups")).repeat(per_step // (n_groups * G) + 1)
-        idx = (groups[:per_step // G, None] * G + torch.arange(G)).flatten()
-        rank_w = rank_weights(R["rewards"][idx], c.tau, G if c.rank_softmax == "group" else None)
+        global_step = (rnd - 1) * c.decoder_steps + step  # over the whole run, from 0
+        gan_on = (c.lambda_gan > 0 or c.rec_gan) and global_step >= c.disc_start
+        # the step's rollouts: whole prompt groups, ranked together (Eq. 6) or cut to their best, then chunked
+        groups = torch.randperm(n_groups, generator=rng(c.seed, rnd, step, "groups")).repeat(groups_per_step // n_groups + 1)
+        idx = (groups[:groups_per_step, None] * G + torch.arange(G)).flatten()
+        if top_k:
+            temp = schedule("sin", global_step, 0, c.select_anneal * c.rounds * c.decoder_steps,
+                            c.select_temp_start, c.select_temp_end)
+            keep, sel_w = top_k_weights(R["rewards"][idx], G, c.select_k, temp)
+            idx = idx[keep]
+        else:
+            sel_w = rank_weights(R["rewards"][idx], c.tau, G if c.rank_softmax == "group" else None)
         chunks = []
         for k in range(rank, c.decoder_chunks, world):
             rows = slice(k * c.decoder_batch, (k + 1) * c.decoder_batch)
@@ -122,50 +151,70 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
             real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in real_idx]).to(dev)
             with torch.no_grad():
                 gt_codes = s.vq.encode(real)
-            chunks.append(SimpleNamespace(codes=R["codes"][idx[rows]].to(dev), rank_w=rank_w[rows].to(dev),
+            chunks.append(SimpleNamespace(codes=R["codes"][idx[rows]].to(dev), sel_w=sel_w[rows].to(dev),
                                           texts=[s.prompts[i] for i in R["prompt_ids"][idx[rows]]],
                                           real=real, gt_codes=gt_codes))
+        if gan_on and c.disc_first:  # the release's order: the discriminator sees this step's decodings first
+            with torch.no_grad(), amp:
+                for ch in chunks:
+                    ch.fakes = s.vq.decode(ch.gt_codes if c.disc_fakes == "reconstructions" else ch.codes)
+            disc_step(s, c, chunks, world, step, stats)
+        lambda_cons = c.lambda_cons if c.cons_schedule == "none" else schedule(
+            c.cons_schedule, global_step, c.cons_start_step, c.cons_end_step, c.cons_start_value, c.cons_end_value)
+        weights = {"L_rec": c.lambda_rec, "L_cons": lambda_cons, "L_BP": c.lambda_bp,
+                   "L_RankGAN": c.lambda_gan * c.disc_weight}
         s.opt.zero_grad(set_to_none=True)
-        weights = {"L_rec": c.lambda_rec, "L_cons": c.lambda_cons, "L_BP": c.lambda_bp, "L_RankGAN": c.lambda_gan}
         for ch in chunks:  # the decoder's step, Eq. 4
             with amp:
-                ch.images = s.vq.decode(ch.codes)
+                images = s.vq.decode(ch.codes)
+                recon = s.vq.decode(ch.gt_codes)
                 with torch.no_grad():
                     ema_images = s.ema.decode(ch.codes)
-                terms = {"L_rec": rec_loss(s.vq.decode(ch.gt_codes), ch.real, c.rec_kind, s.lpips, c.perceptual_weight),
-                         "L_cons": cons_loss(ch.images, ema_images)}
-                if c.lambda_bp > 0:
-                    terms["L_BP"] = bp_loss(s.reward, ch.images, ch.texts)
+                if c.clamp_policy_images:
+                    images, ema_images = images.clamp(-1, 1), ema_images.clamp(-1, 1)
+                terms = {"L_rec": rec_loss(recon, ch.real, c.rec_kind, s.lpips, c.perceptual_weight),
+                         "L_cons": cons_loss(images, ema_images, s.lpips if c.cons_kind == "lpips" else None)}
+                if c.lambda_bp > 0:  # Eq. 5; top_k weights it as the release does (weight 1 at select_k = 1)
+                    terms["L_BP"] = bp_loss(s.reward, images, ch.texts, ch.sel_w if top_k else None)
                 w = dict(weights)
-                if gan_on:
-                    terms["L_RankGAN"] = rank_gan_loss(s.disc(ch.images), ch.rank_w, c.gen_loss)
-                    if c.disc_adaptive_weight:
-                        w["L_RankGAN"] *= adaptive_weight(terms["L_rec"], terms["L_RankGAN"], s.vq.decoder.conv_out.weight)
+                if gan_on and c.lambda_gan > 0:
+                    terms["L_RankGAN"] = rank_gan_loss(s.disc(images), ch.sel_w, c.gen_loss)
+                if gan_on and c.rec_gan:  # the tokenizer's own GAN term on the reconstructions (VQGAN's weight)
+                    terms["L_GAN_rec"] = gen_adv_loss(s.disc(recon), c.gen_loss).mean()
+                    w["L_GAN_rec"] = c.lambda_rec * c.disc_weight * adaptive_weight(
+                        terms["L_rec"], terms["L_GAN_rec"], s.vq.decoder.conv_out.weight)
                 loss = sum(w[k] * v for k, v in terms.items())
             for k, v in terms.items():
                 check_finite(v, k, step)
             s.scaler.scale(loss / len(chunks)).backward()
             stats.append({k: v.item() for k, v in terms.items()})
+            ch.fakes = (recon if c.disc_fakes == "reconstructions" else images).detach()
         all_reduce_grads(decoder_parameters(s.vq), world)
         s.scaler.unscale_(s.opt)
         torch.nn.utils.clip_grad_norm_(decoder_parameters(s.vq), c.decoder_grad_clip)
         s.scaler.step(s.opt)
         s.scaler.update()
         ema_update(s.ema, s.vq, c.ema_decay)
-        if gan_on:  # the discriminator's step: real training images against the policy's decodings
-            s.opt_d.zero_grad(set_to_none=True)
-            for ch in chunks:
-                with amp:
-                    d_loss, acc = disc_loss(s.disc(ch.real), s.disc(ch.images.detach()))
-                check_finite(d_loss, "discriminator loss", step)
-                s.scaler_d.scale(d_loss / len(chunks)).backward()
-                stats.append({"L_disc": d_loss.item(), "disc_acc": acc})
-            all_reduce_grads(s.disc.parameters(), world)
-            s.scaler_d.step(s.opt_d)
-            s.scaler_d.update()
+        if gan_on and not c.disc_first:  # the paper's order: the discriminator then learns from this step's fakes
+            disc_step(s, c, chunks, world, step, stats)
     metrics = mean_stats(stats, world, dev)
     metrics.update(decoder_time_s=time.time() - t0, decoder_peak_gb=peak_memory_gb(dev))
     return metrics
+
+
+def disc_step(s, c, chunks, world, step, stats):
+    """The discriminator's hinge step: the chunks' real training images against their `fakes` (policy
+    decodings, or reconstructions of the real images' codes), scaled by disc_weight."""
+    s.opt_d.zero_grad(set_to_none=True)
+    for ch in chunks:
+        with autocast(c):
+            d_loss, acc = disc_loss(s.disc(ch.real), s.disc(ch.fakes))
+        check_finite(d_loss, "discriminator loss", step)
+        s.scaler_d.scale(c.disc_weight * d_loss / len(chunks)).backward()
+        stats.append({"L_disc": d_loss.item(), "disc_acc": acc})
+    all_reduce_grads(s.disc.parameters(), world)
+    s.scaler_d.step(s.opt_d)
+    s.scaler_d.update()
 
 
 def save(s, d):

@@ -2,7 +2,9 @@
 
 Per step: a batch of prompts, G rollouts each from the KV-cached CFG sampler (with their pi_old
 log-probs), decoded by the frozen decoder, scored, ranked into group advantages; then `ppo_epochs`
-clipped updates over those rollouts, each followed by the EMA update of pi_ref.
+clipped updates over those rollouts, each followed by the EMA update of pi_ref. Where the authors'
+released code does otherwise (conditional-only log-probs, k2 KL to a fixed reference, rewards of the
+EMA decoder's images), a switch below says so; config/released.py sets them all.
 
 ranke.py keeps this stage's state (`init`) in memory across rounds and calls `run` once a round; the
 stages hand over plain safetensors files (this stage's rollouts, the other stage's decoder). Alone,
@@ -28,7 +30,7 @@ from model_ar import generate, load_gpt, token_logprobs
 from model_vq import load_decoder, load_vq
 
 # -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
-#    marks (r) those the paper lost and NOTES.md reconstructs. --
+#    marks (r) those the paper lost and this project reconstructs. --
 policy_steps = 3  # GRPO steps per round
 policy_lr = 5e-5  # LlamaGen-XL: 1e-6 (r)
 policy_weight_decay = 0.01
@@ -39,16 +41,22 @@ prompts_per_chunk = 1  # prompts per forward pass; a chunk is also the unit of s
 ppo_epochs = 2  # clipped updates per rollout batch (with one, the ratio is always 1 and clip never acts)
 clip_eps = 0.2
 beta = 0.05  # KL coefficient
-ref_decay = 0.99  # EMA decay of pi_ref per update (r); 1.0 = a frozen reference
+ref_decay = 0.99  # EMA decay of pi_ref (r); 1.0 = a fixed copy of the base policy (the release)
+ref_update_every = 1  # policy updates between pi_ref's EMA updates
+kl_estimator = "k3"  # 'k3' q/p - log(q/p) - 1 (the paper) | 'k2' (log p - log q)^2 / 2 (the release)
 cfg_scale = 4.0  # CFG during rollouts; LlamaGen-XL: 7.5 (r)
 temperature = 1.0
 top_k = 0
 top_p = 0.9
-logprob = "sampler"  # 'sampler': the distribution that drew the token | 'cond_only': published baselines
+logprob = "sampler"  # the ratio's log-prob: 'sampler' (the guided, filtered distribution that drew the token) |
+#                      'cond_only' (the conditional logits' full softmax: published baselines, the release)
 old_logprobs = "recompute"  # pi_old: 'recompute' (the training forward, no grad: the first ratio is exactly 1) |
 #                             'sampler' (recorded while sampling: in bf16 up to 5% of tokens start outside the clip)
 policy_grad_clip = 1.0
+reward_decoder = "decoder"  # decodes rollouts for the reward: 'decoder' (Stage 2's latest) | 'ema' (its EMA: the release)
 init_from = ""  # standalone: the round folder to start from
+SWITCHES = {"logprob": ("sampler", "cond_only"), "old_logprobs": ("recompute", "sampler"),
+            "kl_estimator": ("k3", "k2"), "reward_decoder": ("decoder", "ema")}
 
 
 def init(c, d, reward, update=True):
@@ -57,7 +65,8 @@ def init(c, d, reward, update=True):
     dev, s = c.device, SimpleNamespace(reward=reward, update=update)
     s.prompts = read_prompts(c.train_prompts)
     s.policy = load_gpt(os.path.join(d, "policy.safetensors"), c.gpt_model, **common.gpt_overrides(c)).to(dev)
-    s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(dev)
+    decoder_file = "decoder.safetensors" if c.reward_decoder == "decoder" else "decoder_ema.safetensors"
+    s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, decoder_file)).to(dev)
     s.vq.requires_grad_(False)
     if update:
         s.ref = load_gpt(os.path.join(d, "policy_ref.safetensors"), c.gpt_model, **common.gpt_overrides(c)).to(dev)
@@ -72,7 +81,8 @@ def init(c, d, reward, update=True):
 
 
 def set_decoder(s, path):
-    """The hand-over from Stage 2: the decoder that decodes the next rollouts for the reward."""
+    """The hand-over from Stage 2: the decoder (or its EMA, as reward_decoder says) that decodes the next
+    rollouts for the reward."""
     load_decoder(s.vq, path)
 
 
@@ -117,7 +127,8 @@ def run(s, c, rnd, rank=0, world=1):
             for r in rollouts:
                 with amp:
                     logp, entropy = token_logprobs(s.policy, r.codes, r.cond, r.mask, **sampling, cond_only=cond_only)
-                    loss, st = grpo_loss(logp, r.logp_old, r.logp_ref, r.advantages, c.clip_eps, c.beta, n_tokens, entropy)
+                    loss, st = grpo_loss(logp, r.logp_old, r.logp_ref, r.advantages, c.clip_eps, c.beta, n_tokens,
+                                         entropy, c.kl_estimator)
                 check_finite(loss, "GRPO loss", step)
                 s.scaler.scale(loss).backward()
                 # per epoch: in the first, how far pi_old is from the training forward (ratio ~1); then the clip's work
@@ -128,7 +139,9 @@ def run(s, c, rnd, rank=0, world=1):
             torch.nn.utils.clip_grad_norm_(s.policy.parameters(), c.policy_grad_clip)
             s.scaler.step(s.opt)
             s.scaler.update()
-            ema_update(s.ref, s.policy, c.ref_decay)
+            update = ((rnd - 1) * c.policy_steps + step) * c.ppo_epochs + epoch  # over the whole run, from 1
+            if update % c.ref_update_every == 0:
+                ema_update(s.ref, s.policy, c.ref_decay)
         stats.append({"reward": torch.cat([r.rewards for r in rollouts]).mean().item(),
                       "zero_adv_groups": sum(r.flat for r in rollouts) / len(rollouts)})
     metrics = mean_stats(stats, world, dev)

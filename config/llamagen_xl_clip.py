@@ -1,7 +1,9 @@
 # RankE on LlamaGen-XL (t2i, 256 px) with the CLIP reward, 8 GPUs:
 #   torchrun --nproc_per_node=8 ranke.py config/llamagen_xl_clip.py
 # Std. RL baseline:  add --mode=policy_only --out_dir=out/llamagen_xl_clip_std_rl
-# Values are Table F.1's; (r) marks a reconstruction (the paper's number was lost in conversion).
+# Values are Table F.1's; (r) marks a reconstruction (the paper's number was lost in conversion). Every switch
+# not named here is the paper's method (the scripts' defaults). The authors' released recipe, which differs
+# in most of these settings, is config/released_llamagen_xl_clip.py.
 out_dir = "out/llamagen_xl_clip"
 prepare = ""  # the official checkpoints are given, nothing to build
 gpt_model = "GPT-XL"
@@ -13,8 +15,8 @@ t5_path = "pretrained_models/t5-ckpt/flan-t5-xl"
 train_prompts = "data/train/prompts.txt"  # the 15k curated prompts (Appendix H)
 train_pairs = "data/train/pairs.jsonl"  # their images, for L_rec and the discriminator
 reward = "clip"
-clip_model = "ViT-B-32"  # (r) the reward CLIP's size was lost
-clip_weights = "pretrained_models/open_clip_vit_b_32_openai.pt"
+clip_model = "ViT-L-14"  # (r) the paper does not name it; the release trains on ViT-L/14, never on the
+clip_weights = "pretrained_models/open_clip_vit_l_14_openai.pt"  # ViT-B/32 that scores COCO's CLIP
 clip_quick_gelu = True
 
 # Stage 1 (GRPO)

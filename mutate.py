@@ -1,0 +1,129 @@
+"""Mutation check: would the tests notice a plausible one-line bug? Each mutant below changes one
+line of a copy of the project (a sign, a swapped pair, a dropped term, a missing detach, an off-by-one,
+a constant); the fast tests run on each copy, and a mutant they do not fail "survived".
+
+    python mutate.py            # every mutant (about 20 s each on 2 cores: the tests stop at the first failure)
+    python mutate.py kl cfg     # the mutants whose name holds one of these words
+
+A mutant whose original text is no longer in its file is reported as stale: keep the list in step
+with the code, and add a line for every bug a review finds.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+MUTANTS = [  # (name, file, original text, mutated text)
+    # Stage 1: GRPO (Eq. 3)
+    ("grpo: KL term dropped", "losses.py", "loss = (pg + beta * kl).sum() / n_tokens", "loss = pg.sum() / n_tokens"),
+    ("grpo: KL ratio reversed", "losses.py", "log_q_p = logp_ref - logp", "log_q_p = logp - logp_ref"),
+    ("grpo: k2 without its 1/2", "losses.py", "else 0.5 * log_q_p ** 2", "else log_q_p ** 2"),
+    ("grpo: k3 without its -1", "losses.py", "torch.exp(log_q_p) - log_q_p - 1 if", "torch.exp(log_q_p) - log_q_p if"),
+    ("grpo: max instead of min", "losses.py", "pg = -torch.min(ratio * A", "pg = -torch.max(ratio * A"),
+    ("grpo: ratio upside down", "losses.py", "ratio = torch.exp(logp - logp_old)", "ratio = torch.exp(logp_old - logp)"),
+    ("grpo: clip range one-sided", "losses.py", "ratio.clamp(1 - clip_eps, 1 + clip_eps)", "ratio.clamp(1 - clip_eps, 1 + 2 * clip_eps)"),
+    ("grpo: per-batch token count", "losses.py", "n_tokens = logp.numel() if n_tokens is None else n_tokens", "n_tokens = logp.numel()"),
+    ("advantages: not centred", "losses.py", "adv = (r - r.mean(1, keepdim=True))", "adv = (r - 0 * r.mean(1, keepdim=True))"),
+    ("advantages: not scaled", "losses.py", "/ (r.std(1, keepdim=True) + eps)", "/ (1 + eps)"),
+    ("advantages: flat groups kept", "losses.py", "adv = torch.where(flat[:, None], torch.zeros_like(adv), adv)", "adv = adv"),
+    ("ema: moves the wrong way", "losses.py", "e.lerp_(p.to(e.dtype), 1.0 - decay)", "e.lerp_(p.to(e.dtype), decay)"),
+    # Stage 2 (Eq. 4-8)
+    ("rank weights: twice the temperature", "losses.py", "torch.softmax(r / tau, dim=1)", "torch.softmax(r / (2 * tau), dim=1)"),
+    ("rank weights: reward sign", "losses.py", "torch.softmax(r / tau, dim=1)", "torch.softmax(-r / tau, dim=1)"),
+    ("top-k: the worst kept", "losses.py", "top, order = r.topk(k, dim=1)", "top, order = r.topk(k, dim=1, largest=False)"),
+    ("top-k: group offset off by one", "losses.py", "torch.arange(len(r))[:, None] * group_size", "torch.arange(len(r))[:, None] * (group_size - 1)"),
+    ("schedule: sin runs backwards", "losses.py", "t = 0.5 * (1 - math.cos(math.pi * t))", "t = 0.5 * (1 + math.cos(math.pi * t))"),
+    ("gan: generator sign", "losses.py", "per_patch = -logits_fake if", "per_patch = logits_fake if"),
+    ("disc: real and fake swapped", "losses.py", "F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean()",
+     "F.relu(1 + logits_real).mean() + F.relu(1 - logits_fake).mean()"),
+    ("rec: L2 for L1", "losses.py", "loss = F.l1_loss(recon, x) if kind", "loss = F.mse_loss(recon, x) if kind"),
+    ("cons: teacher not detached", "losses.py", "return F.mse_loss(images, ema_images.detach())", "return F.mse_loss(images, ema_images)"),
+    ("bp: sign flipped", "losses.py", "return -(r if weights is None else weights * r).mean()", "return (r if weights is None else weights * r).mean()"),
+    ("adaptive weight: inverted", "losses.py", "return (g_nll.norm() / (g_adv.norm() + 1e-4))", "return (g_adv.norm() / (g_nll.norm() + 1e-4))"),
+    ("reward: no clamp", "losses.py", "x = (x.float().clamp(-1, 1) + 1) / 2", "x = (x.float() + 1) / 2"),
+    ("reward: crop off by one", "losses.py", "x = x[..., top:top + self.size, left:left + self.size]", "x = x[..., top + 1:top + 1 + self.size, left:left + self.size]"),
+    ("reward: scale ignored", "losses.py", "return sum(scale * r(images, prompts) for", "return sum(r(images, prompts) for"),
+    # the policy (model_ar.py)
+    ("cfg: halves swapped", "model_ar.py", "return u + cfg_scale * (c - u)", "return c + cfg_scale * (u - c)"),
+    ("cfg: no guidance", "model_ar.py", "return u + cfg_scale * (c - u)", "return c"),
+    ("logprob: sampled token not forced in", "model_ar.py", "keep.scatter_(-1, tokens[..., None], True)", "keep = keep"),
+    ("logprob: cond_only tempered", "model_ar.py", "logits = model(tokens, cond, cond_mask)\n", "logits = model(tokens, cond, cond_mask) / temperature\n"),
+    ("mask: caption hidden from all", "model_ar.py", "keep[:, :C] = cond_mask.bool()", "keep[:, :C] = False"),
+    ("mask: caption padding visible", "model_ar.py", "keep[:, :C] = cond_mask.bool()", "keep[:, :C] = True"),
+    ("mask: not causal", "model_ar.py", "return ((causal & keep[:, None, :]) | eye)[:, None]", "return (keep[:, None, :] | eye).expand(-1, length, -1)[:, None]"),
+    ("top-p: crossing token dropped", "model_ar.py", "drop[..., 1:] = drop[..., :-1].clone()", "drop = drop"),
+    ("rope: sin sign", "model_ar.py", "xf[..., 0] * cos - xf[..., 1] * sin", "xf[..., 0] * cos + xf[..., 1] * sin"),
+    ("kv cache: weights' dtype", "model_ar.py", "model.setup_cache(cond.shape[0], dtype)", "model.setup_cache(cond.shape[0], model.output.weight.dtype)"),
+    ("t5: right padding loses the last slot", "model_ar.py", "emb[i, max_length - len(pad):] = pad", "pass"),
+    ("sampler: greedy off by one", "model_ar.py", "return logits.argmax(-1, keepdim=True)", "return (logits.argmax(-1, keepdim=True) + 1) % logits.shape[-1]"),
+    # the stages and the loop
+    ("policy: pi_ref never updated", "train_policy.py", "ema_update(s.ref, s.policy, c.ref_decay)", "pass"),
+    ("policy: kl_estimator ignored", "train_policy.py", "entropy, c.kl_estimator)", "entropy)"),
+    ("policy: EMA reward decoder ignored", "train_policy.py",
+     'decoder_file = "decoder.safetensors" if c.reward_decoder == "decoder" else "decoder_ema.safetensors"', 'decoder_file = "decoder.safetensors"'),
+    ("policy: recompute falls back to the sampler", "train_policy.py", 'if c.old_logprobs == "recompute":', "if False:"),
+    ("decoder: rank weights shuffled", "train_decoder.py", 'sel_w = rank_weights(R["rewards"][idx], c.tau', 'sel_w = rank_weights(R["rewards"][idx.flip(0)], c.tau'),
+    ("decoder: fakes always policy", "train_decoder.py", 'ch.fakes = (recon if c.disc_fakes == "reconstructions" else images).detach()', "ch.fakes = images.detach()"),
+    ("decoder: EMA never updated", "train_decoder.py", "ema_update(s.ema, s.vq, c.ema_decay)", "pass"),
+    ("decoder: cons schedule ignored", "train_decoder.py", 'lambda_cons = c.lambda_cons if c.cons_schedule == "none" else', "lambda_cons = c.lambda_cons if True else"),
+    ("loop: EMA hand-over ignored", "ranke.py", 'save_decoder(decoder.vq if c.reward_decoder == "decoder" else decoder.ema, decoder_file)', "save_decoder(decoder.vq, decoder_file)"),
+    ("loop: decoder hand-over skipped", "ranke.py", "train_policy.set_decoder(policy, decoder_file)", "pass"),
+    ("rng: chunk ignored in seeds", "common.py", "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints).encode())",
+     "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints[:3]).encode())"),
+    # evaluation
+    ("frechet: only right for commuting covariances", "eval.py", "tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1)",
+     "tr_sqrt = torch.linalg.eigvalsh(s1).clamp(min=0).sqrt() * torch.linalg.eigvalsh(s2)"),
+    ("code KL: reversed", "eval.py", "return (p * (p / q).log2()).sum().item()", "return (q * (q / p).log2()).sum().item()"),
+    ("entropy: nats", "eval.py", "return -(p[p > 0] * p[p > 0].log2()).sum().item()", "return -(p[p > 0] * p[p > 0].log()).sum().item()"),
+]
+
+TESTS = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", "test_ranke.py"]
+
+
+def run_tests(root, timeout):
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    try:
+        return subprocess.run(TESTS, cwd=root, env=env, capture_output=True, text=True, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return "timeout"
+
+
+def main(words):
+    here = os.path.dirname(os.path.abspath(__file__))
+    chosen = [m for m in MUTANTS if not words or any(w.lower() in m[0].lower() for w in words)]
+    root = os.path.join(tempfile.mkdtemp(prefix="mutate_"), "repo")
+    shutil.copytree(here, root, ignore=shutil.ignore_patterns(".git", ".venv", "out", "__pycache__", ".ci"))
+    t0 = time.time()
+    if run_tests(root, 1800) != 0:
+        raise SystemExit("the fast tests fail on the unmutated code: fix them first")
+    base = time.time() - t0
+    print(f"unmutated: the fast tests pass in {base:.0f} s; {len(chosen)} mutants")
+    survived, stale = [], []
+    for name, file, old, new in chosen:
+        path = os.path.join(root, file)
+        src = open(path).read()
+        if src.count(old) != 1:
+            stale.append(name)
+            print(f"  stale     {name}: its text is in {file} {src.count(old)} times")
+            continue
+        with open(path, "w") as f:
+            f.write(src.replace(old, new))
+        t = time.time()
+        rc = run_tests(root, 3 * base + 60)
+        with open(path, "w") as f:
+            f.write(src)
+        verdict = "killed" if rc not in (0, "timeout") else ("survived" if rc == 0 else "timeout")
+        if rc == 0:
+            survived.append(name)
+        print(f"  {verdict:9s} {name} ({time.time() - t:.0f} s)", flush=True)
+    shutil.rmtree(os.path.dirname(root), ignore_errors=True)
+    n = len(chosen) - len(stale)
+    print(f"\n{n - len(survived)} of {n} mutants killed" + (f"; survived: {', '.join(survived)}" if survived else "")
+          + (f"; stale: {', '.join(stale)}" if stale else ""))
+    return len(survived) + len(stale)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
