@@ -130,6 +130,17 @@ def test_forward_is_causal_and_masks_caption_padding(gpt):
     assert ((gpt(tokens, c2, mask)[0] - logits[0]).abs().amax(-1) > 1e-4).all()
 
 
+def test_rope_rotates_as_complex_multiplication():
+    """LlamaGen rotates each pair (x[2i], x[2i+1]) as the complex number x[2i] + i x[2i+1] times e^(i theta)."""
+    torch.manual_seed(0)
+    rope = model_ar.rope_2d(4, 16, 10000, 3)  # 3 caption slots, then a 4 x 4 grid
+    x = torch.randn(2, len(rope), 2, 16)
+    z = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
+    w = torch.view_as_complex(rope.contiguous())[None, :, None]
+    assert torch.allclose(model_ar.apply_rope(x, rope), torch.view_as_real(z * w).flatten(3), atol=1e-6)
+    assert (model_ar.apply_rope(x, rope)[:, :3] == 0).all()  # the caption slots' zero table
+
+
 def test_dropout_off_by_default(gpt):
     cond, mask = captions(gpt.config, [4, 4])
     tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size))
@@ -351,6 +362,8 @@ def test_group_advantages():
     assert torch.allclose(a[0].std(), torch.tensor(1.0), atol=1e-3)
     assert torch.equal(a[1], torch.zeros(4)) and flat_frac == 0.5  # a flat group: zeros, never NaN
     assert (a[0].argsort() == torch.arange(4)).all()  # the ranking is kept
+    adv, _ = losses.group_advantages(torch.full((8,), 0.3), 8)  # its float mean is 3e-8 off: still exactly 0
+    assert torch.equal(adv, torch.zeros(8))
 
 
 def test_grpo_with_ratio_one_and_no_kl_is_reinforce():
@@ -376,6 +389,10 @@ def test_grpo_clip_zeroes_gradient_only_outside_the_trust_region():
     # ratio 0.61 < 0.8 with A < 0: clipped; with A > 0: gradient
     assert g[0] == 0 and g[3] == 0 and g[1] != 0 and g[2] != 0
     assert stats["clip_frac"] == 0.5
+    # just outside: ratio 1.3 with A = 1 and 0.75 with A = -1, by hand -min(1.3, 1.2) = -1.2 and -min(-0.75, -0.8) = 0.8
+    d = torch.tensor([[math.log(1.3)], [math.log(0.75)]], requires_grad=True)
+    loss, _ = losses.grpo_loss(d, torch.zeros(2, 1), d.detach(), torch.tensor([1.0, -1.0]), clip_eps=0.2, beta=0.0)
+    assert abs(loss.item() - (-1.2 + 0.8) / 2) < 1e-6 and (torch.autograd.grad(loss, d)[0] == 0).all()
 
 
 def test_k3_kl_nonnegative_and_zero_when_equal():
@@ -463,6 +480,12 @@ def test_rank_gan_and_discriminator_losses():
     assert loss == 0 and acc == 1.0
     loss, acc = losses.disc_loss(-real, -fake)
     assert torch.allclose(loss, torch.tensor(3.0)) and acc == 0.0
+
+
+def test_adaptive_weight_by_hand():
+    w = torch.randn(3, requires_grad=True)  # the last layer: grad L_rec = (3, 0, 4), grad L_gan = (0, 1, 0)
+    nll, g = (w * torch.tensor([3.0, 0.0, 4.0])).sum(), (w * torch.tensor([0.0, 1.0, 0.0])).sum()
+    assert abs(losses.adaptive_weight(nll, g, w).item() - 5 / (1 + 1e-4)) < 1e-6
 
 
 def test_decoder_anchors_and_bp_gradients():
@@ -831,6 +854,49 @@ def test_released_switches_do_what_they_name(world, tmp_path, monkeypatch):
     assert torch.allclose(torch.cat(seen), (c.group_size * torch.softmax(r / c.tau, 1)).flatten(), atol=1e-5)
 
 
+def test_more_switches_move_what_they_name(world, tmp_path):
+    """One round on the tiny world per setting: pi_ref stays the base policy until its EMA period comes;
+    with every other decoder term off, disc_weight alone decides whether the GAN moves the decoder and
+    the discriminator; rec_gan's term on reconstructions changes what L_rec alone does; the L_cons schedule
+    replaces lambda_cons; the EMA decoder is 0.999 old + 0.001 new after a step; k2 trains unlike k3."""
+    def run(name, *extra):
+        out = str(tmp_path / name)
+        ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0", *extra])
+        return os.path.join(out, "round_0000"), os.path.join(out, "round_0001")
+    r0, r1 = run("ref_late", "--ref_update_every=100")
+    assert same(weights(r0, "policy.safetensors"), weights(r1, "policy_ref.safetensors"))
+    r0, r1 = run("ref_each")
+    assert not same(weights(r0, "policy.safetensors"), weights(r1, "policy_ref.safetensors"))
+    base, dec, ema = (weights(d, f) for d, f in ((r0, "decoder.safetensors"), (r1, "decoder.safetensors"),
+                                                 (r1, "decoder_ema.safetensors")))
+    assert not same(base, dec) and not same(base, ema)
+    assert all(torch.allclose(ema[k], 0.999 * base[k] + 0.001 * dec[k], rtol=1e-6, atol=1e-8) for k in ema)
+    _, k2 = run("k2", "--kl_estimator=k2")  # the KL's gradient differs from k3's once pi_ref and the policy part
+    assert not same(weights(r1, "policy.safetensors"), weights(k2, "policy.safetensors"))
+    only_gan = ["--mode=decoder_only", "--lambda_rec=0", "--lambda_cons=0", "--lambda_bp=0", "--decoder_weight_decay=0",
+                "--disc_weight_decay=0"]
+    r0, r1 = run("gan_off", *only_gan, "--disc_weight=0")
+    import train_decoder
+    initial_disc = train_decoder.init(ranke.config([world]), r0).disc.state_dict()
+    assert same(weights(r0, "decoder.safetensors"), weights(r1, "decoder.safetensors"))
+    assert same(weights(r1, "disc.safetensors"), initial_disc)
+    _, on = run("gan_on", *only_gan)
+    assert not same(weights(r0, "decoder.safetensors"), weights(on, "decoder.safetensors"))
+    assert not same(weights(r1, "disc.safetensors"), weights(on, "disc.safetensors"))
+    _, rec = run("rec", *only_gan, "--lambda_gan=0", "--lambda_rec=1")
+    _, rec_gan = run("rec_gan", *only_gan, "--lambda_gan=0", "--lambda_rec=1", "--rec_gan=True")
+    assert not same(weights(rec, "decoder.safetensors"), weights(rec_gan, "decoder.safetensors"))
+    assert "L_GAN_rec" in json.loads(open(tmp_path / "rec_gan" / "metrics.jsonl").readline())
+    # L_cons acts from the second decoder step (the EMA equals the decoder before it): a schedule held at
+    # 0 trains exactly as lambda_cons = 0, and differs from lambda_cons = 5
+    two = [*only_gan, "--lambda_gan=0", "--lambda_rec=1", "--decoder_steps=2"]
+    _, none = run("cons_0", *two)
+    _, held = run("cons_sched", *two, "--lambda_cons=5", "--cons_schedule=linear", "--cons_end_value=0.0")
+    _, five = run("cons_5", *two, "--lambda_cons=5")
+    assert same(weights(none, "decoder.safetensors"), weights(held, "decoder.safetensors"))
+    assert not same(weights(none, "decoder.safetensors"), weights(five, "decoder.safetensors"))
+
+
 def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
     out = tmp_path / "out"
     cases = [(["--not_a_key=1"], "unknown config key 'not_a_key'"),
@@ -877,6 +943,14 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
         with pytest.raises(SystemExit, match=message):
             ranke.main([world, f"--out_dir={tmp_path / 'new'}", "--device=cpu", *extra])
         assert not (tmp_path / "new").exists()
+
+
+def test_draws_are_seeded_by_every_coordinate():
+    from common import rng
+    draw = lambda *key: torch.rand(4, generator=rng(*key))
+    assert torch.equal(draw(0, 1, 2, 3), draw(0, 1, 2, 3))
+    for other in [(1, 1, 2, 3), (0, 2, 2, 3), (0, 1, 3, 3), (0, 1, 2, 4), (0, 1, 2, 3, "real")]:
+        assert not torch.equal(draw(0, 1, 2, 3), draw(*other)), other
 
 
 def test_configurator():
@@ -1070,7 +1144,8 @@ def test_one_bf16_round_of_each_mode_on_cpu(shapes, tmp_path, mode):
     """dtype=bfloat16 runs the stages under autocast on the CPU too (the path GPUs run), with finite
     metrics; a ranke run resumed after round 1 ends bitwise equal to an uninterrupted one."""
     out = str(tmp_path / mode)
-    args = ["--dtype=bfloat16", f"--mode={mode}", "--policy_steps=1", "--decoder_steps=1", "--eval_every=0", "--sample_every=1"]
+    args = ["--dtype=bfloat16", f"--mode={mode}", "--policy_steps=1", "--decoder_steps=1", "--eval_every=0", "--sample_every=1",
+            "--prompts_per_step=2", "--group_size=4", "--decoder_chunks=2"]  # CPU bf16 is emulated: a small step
     ranke.main(shapes_args(shapes, out, "--rounds=1", *args))
     m = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert all(math.isfinite(v) for v in m.values()) and "reward" in m
