@@ -743,14 +743,23 @@ def rollouts_round(path):
         return -1
 
 
+def sigkill_args(world):
+    return [world, "--rounds=4", "--save_every=2", "--policy_steps=4", "--decoder_steps=8", "--sample_every=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    ref = str(tmp_path_factory.mktemp("uninterrupted"))
+    assert run_script(*sigkill_args(world), f"--out_dir={ref}").returncode == 0
+    return ref
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["policy", "decoder"])
-def test_sigkill_inside_a_stage_then_resume_is_exact(world, tmp_path, stage):
+def test_sigkill_inside_a_stage_then_resume_is_exact(world, uninterrupted, tmp_path, stage):
     """Killed in round 3 (inside Stage 1, or inside Stage 2 after Stage 1 handed over its rollouts) of a
     run that saves every 2 rounds: the resumed run starts from round 2 and ends bitwise equal."""
-    ref, out = str(tmp_path / "ref"), str(tmp_path / "killed")
-    args = [world, "--rounds=4", "--save_every=2", "--policy_steps=4", "--decoder_steps=8", "--sample_every=0"]
-    assert run_script(*args, f"--out_dir={ref}").returncode == 0
+    ref, out, args = uninterrupted, str(tmp_path / "killed"), sigkill_args(world)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "ranke.py", *args, f"--out_dir={out}"], env=env,
                             cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
