@@ -2,12 +2,12 @@
 and the FLAN-T5 caption encoder.
 
 Module names and shapes are those of the official t2i checkpoints (`t2i_XL_stage1_256.pt`), and the
-conditioning is LlamaGen's exactly: 120 caption slots, left-padded with zeros (right padding is the
-authors' release's), the caption padding
-hidden from every query but each position always sees itself, and for CFG a second batch half with the
-learned null caption under the same mask. Two quirks of the official model are kept on purpose, since
-the checkpoints were trained with them: the 2-D rotary table is zero for the caption slots (so their
-queries and keys are zero), and the first image token is predicted from the last caption slot.
+conditioning is LlamaGen's exactly: 120 caption slots, left-padded with zeros (right padding, the authors'
+release's layout, is an option), the caption padding hidden from every query but each position always
+sees itself, and for CFG a second batch half with the learned null caption under the same mask. Two
+quirks of the official model are kept on purpose, since the checkpoints were trained with them: the 2-D
+rotary table is zero for the caption slots (so their queries and keys are zero), and the first image
+token is predicted from the last caption slot.
 """
 import hashlib
 import math
@@ -425,8 +425,8 @@ def fill_t5_cache(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.f
 def cached_t5_embed(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120,
                     padding="left"):
     """t5_embed through the cache (filled first if needed); reads only these prompts' rows. Right
-    padding has zeros where t5_embed has T5's padding outputs, but for the last slot: the rest are hidden
-    from every query and never predict a token. Returns (B x max_length x D, B x max_length) on the CPU."""
+    padding has zeros where t5_embed has T5's padding outputs, but for the last slot: the others are hidden
+    from every other query and predict no token. Returns (B x max_length x D, B x max_length) on the CPU."""
     from safetensors import safe_open
     fill_t5_cache(prompts, cache_file, t5_path, device, dtype, max_length)
     with safe_open(cache_file, "pt") as f:
