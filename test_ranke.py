@@ -605,6 +605,7 @@ def test_lpips_from_local_files(tmp_path):
     # VGG16 weights, linear heads and images
     assert torch.allclose(lp(x, y), torch.tensor([0.6622387, 0.6376138]), atol=1e-5)
     assert torch.allclose(lp(x, x), torch.zeros(2))
+    assert torch.allclose(losses.cons_loss(x, y, lp), lp(x, y).mean())  # cons_kind=lpips: L_cons is this LPIPS
 
 
 # ---------------------------------------------------------------- the co-evolution loop (tiny random world)
