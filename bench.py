@@ -251,17 +251,18 @@ if mode == "memory":
             lpips = LPIPS("vgg", "lin")
     state = {  # (stage, component): bytes
         ("Stage 1", "policy weights (fp32)"): size(policy),
-        ("Stage 1", "policy grads (fp32)"): trainable(policy),
         ("Stage 1", "policy AdamW exp_avg + exp_avg_sq (fp32)"): 2 * trainable(policy),
         ("Stage 1", f"pi_ref ({ref_dtype}, EMA of the policy)"): size(ref),
         ("Stage 1", f"{vq_config} that decodes rollouts for the reward"): size(vq_reward),
         ("Stage 2", f"{vq_config} (post_quant_conv + decoder train)"): size(vq),
-        ("Stage 2", "decoder grads + AdamW (fp32)"): 3 * trainable(vq),
+        ("Stage 2", "decoder AdamW (fp32)"): 2 * trainable(vq),
         ("Stage 2", f"EMA {vq_config}"): size(ema),
         ("Stage 2", "PatchGAN + grads + AdamW"): size(disc) + 3 * trainable(disc),
         ("Stage 2", "LPIPS VGG16 (frozen)"): size(lpips),
         ("shared", f"reward CLIP {clip_model} (frozen)"): size(clip),
     }
+    # gradients live only while their stage runs: each step ends with zero_grad(set_to_none=True)
+    grads = {"Stage 1": trainable(policy), "Stage 2": trainable(vq)}
     rows = 2 * prompts_per_chunk * group_size
     print(f"{policy_config} policy ({sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters), {vq_config}, "
           f"CLIP {clip_model}, LPIPS VGG16, PatchGAN. Per GPU: {prompts_per_gpu} prompts x {group_size} rollouts, "
@@ -363,21 +364,26 @@ if mode == "memory":
     print(f"\n{'resident state':64}{'GiB':>7}")
     for (stage, name), v in state.items():
         print(f"  {stage:9}{name:53}{v / GiB:7.2f}")
+    print(f"\n{'held while its stage runs':64}{'GiB':>7}")
+    for stage, name in (("Stage 1", "policy grads (fp32)"), ("Stage 2", "decoder grads (fp32)")):
+        print(f"  {stage:9}{name:53}{grads[stage] / GiB:7.2f}")
     print(f"\n{'transients (the peak of the bytes a phase makes)':64}{'GiB':>7}")
     for (stage, name), v in transient.items():
         print(f"  {stage:9}{name:53}{v / GiB:7.2f}")
         if (stage, name) in notes:
             print(f"  {'':11}{notes[stage, name]}")
     s1, s2, shared = total("Stage 1", state), total("Stage 2", state), total("shared", state)
-    policy_only = s1 + shared + peak("Stage 1")
-    ranke = s1 + s2 + shared + max(peak("Stage 1"), peak("Stage 2"))
-    larger = "Stage-1" if peak("Stage 1") >= peak("Stage 2") else "Stage-2"
-    print(f"\npolicy-only: Stage-1 state {s1 / GiB:.2f} + CLIP {shared / GiB:.2f} + Stage-1 transient "
-          f"{peak('Stage 1') / GiB:.2f} = {policy_only / GiB:.2f} GiB")
+    running = {stage: grads[stage] + peak(stage) for stage in grads}  # a stage's gradients + its transient
+    policy_only = s1 + shared + running["Stage 1"]
+    ranke = s1 + s2 + shared + max(running.values())
+    larger = max(running, key=running.get)
+    print(f"\npolicy-only: Stage-1 state {s1 / GiB:.2f} + CLIP {shared / GiB:.2f} + Stage 1's gradients and "
+          f"transient {running['Stage 1'] / GiB:.2f} = {policy_only / GiB:.2f} GiB")
     print(f"RankE: Stage-1 state {s1 / GiB:.2f} + Stage-2 state {s2 / GiB:.2f} + CLIP {shared / GiB:.2f} + "
-          f"{larger} transient {max(peak('Stage 1'), peak('Stage 2')) / GiB:.2f} = {ranke / GiB:.2f} GiB")
-    print(f"RankE / policy-only = {ranke / policy_only:.3f} (target <= 1.1); Stage 2's transient is "
-          f"{abs(peak('Stage 1') - peak('Stage 2')) / GiB:.2f} GiB {'below' if larger == 'Stage-1' else 'above'} Stage 1's")
+          f"{larger}'s gradients and transient {running[larger] / GiB:.2f} = {ranke / GiB:.2f} GiB")
+    print(f"RankE / policy-only = {ranke / policy_only:.3f} (target <= 1.1); Stage 2's gradients and transient are "
+          f"{abs(running['Stage 1'] - running['Stage 2']) / GiB:.2f} GiB "
+          f"{'below' if larger == 'Stage 1' else 'above'} Stage 1's")
 
     if check and os.path.exists("/proc/self/clear_refs"):
         # The counting against a real run: the peak RSS growth of an fp32 forward + backward on this CPU.

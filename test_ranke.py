@@ -2,14 +2,38 @@
 `-m "not slow"` leaves out the end-to-end runs on the shapes world and with several processes (mutate.py
 runs those fast ones on each mutant)."""
 import argparse
+import json
 import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+import common
+import eval as evaluation
+import losses
 import model_ar
 import model_vq
+import ranke
+import train_decoder
+import train_policy
+from common import caption_features, load_round, read_prompts, rng
+from configurator import configure
+from data.shapes import prepare as shapes_prepare
+from data.shapes import world as shapes_world
+from losses import run_reward
 from model_ar import GPT, gpt_config, generate, token_logprobs
+from model_vq import save_decoder
 
 numel = lambda sd: sum(v.numel() for v in sd.values())
 
@@ -351,7 +375,6 @@ def test_t5_embeddings_are_left_padded_and_cached(tmp_path):
 
 # ---------------------------------------------------------------- losses: Stage 1
 
-import losses  # noqa: E402
 
 
 def test_group_advantages():
@@ -531,7 +554,6 @@ TINY_CLIP = {"embed_dim": 16,
 
 def tiny_clip(tmp_path):
     """A tiny random open_clip model registered under the name 'tiny-clip', saved as a checkpoint."""
-    import json
     import open_clip
     (tmp_path / "tiny-clip.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(str(tmp_path / "tiny-clip.json"))
@@ -610,13 +632,6 @@ def test_lpips_from_local_files(tmp_path):
 
 # ---------------------------------------------------------------- the co-evolution loop (tiny random world)
 
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import ranke  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 
 WORDS = "a red blue green circle square triangle two three above below left of".split()
 
@@ -624,7 +639,6 @@ WORDS = "a red blue green circle square triangle two three above below left of".
 def tiny_world(root):
     """Random base models saved in the official formats, a tiny T5 and CLIP, prompts and 8 px images,
     and a config file naming them (8 x 8 images, 4 x 4 codes)."""
-    from PIL import Image
     root.mkdir(exist_ok=True)
     torch.save({"model": random_gpt(std=0.1).state_dict()}, root / "gpt.pt")
     torch.manual_seed(0)
@@ -736,7 +750,6 @@ def test_a_step_that_cannot_be_split_is_refused_once_with_a_fix(world, tmp_path)
 
 
 def rollouts_round(path):
-    from safetensors import safe_open
     try:
         with safe_open(path, "pt") as f:
             return int(f.metadata()["round"])
@@ -765,7 +778,6 @@ def test_sigkill_inside_a_stage_then_resume_is_exact(world, uninterrupted, tmp_p
     proc = subprocess.Popen([sys.executable, "ranke.py", *args, f"--out_dir={out}"], env=env,
                             cwd=os.path.dirname(os.path.abspath(__file__)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     handover = os.path.join(out, "handover", "rollouts.safetensors")
-    import time
     t0 = time.time()  # Stage 1 of round 3 runs once round 2 is saved; Stage 2 once its rollouts are handed over
     done = (lambda: os.path.isdir(os.path.join(out, "round_0002"))) if stage == "policy" else (lambda: rollouts_round(handover) == 3)
     while not done() and proc.poll() is None and time.time() - t0 < 120:
@@ -807,7 +819,6 @@ def test_stages_run_alone_on_round_files(world, tmp_path):
 def stage2_inputs(c, d, rollouts_path):
     """Run one Stage-2 round from round folder d, recording every code row the decoder decodes (with its
     image) and the fakes of the discriminator's own step (its inputs that carry no decoder gradient)."""
-    import train_decoder
     s, decoded, disc_inputs = train_decoder.init(c, d), [], []
     vq_decode = s.vq.decode
 
@@ -821,12 +832,30 @@ def stage2_inputs(c, d, rollouts_path):
     return decoded, disc_inputs[1::2]  # the disc step calls disc(real) then disc(fakes)
 
 
+def test_discriminator_step_learns_from_its_hinge_loss_alone():
+    """disc_step's update is the hinge loss's gradient, 0.5 (relu(1 - D(real)) + relu(1 + D(fake))) x
+    disc_weight averaged over chunks, and nothing else: the gradient that the decoder's GAN terms leave in
+    the discriminator's parameters (they run through it) must not leak into its step (SGD, lr 1)."""
+    torch.manual_seed(0)
+    disc = losses.patchgan(3, 8, 1)
+    c = SimpleNamespace(device="cpu", dtype="float32", disc_weight=0.5)
+    s = SimpleNamespace(disc=disc, opt_d=torch.optim.SGD(disc.parameters(), lr=1.0), scaler_d=common.grad_scaler(c))
+    chunks = [SimpleNamespace(real=torch.randn(2, 3, 16, 16), fakes=torch.randn(2, 3, 16, 16)) for _ in range(2)]
+    before = [p.detach().clone() for p in disc.parameters()]
+    hinge = sum(0.5 * (torch.relu(1 - disc(ch.real)).mean() + torch.relu(1 + disc(ch.fakes)).mean()) for ch in chunks)
+    want = torch.autograd.grad(c.disc_weight * hinge / len(chunks), list(disc.parameters()))
+    (-disc(torch.randn(2, 3, 16, 16)).mean()).backward()  # what a decoder step's Rank-GAN term leaves behind
+    stats = []
+    train_decoder.disc_step(s, c, chunks, 1, 0, stats)
+    for p, b, g in zip(disc.parameters(), before, want):
+        assert torch.allclose(p.detach(), b - g, atol=1e-6)
+    assert len(stats) == 2 and all(0 <= st["disc_acc"] <= 1 for st in stats)
+
+
 def test_released_switches_do_what_they_name(world, tmp_path, monkeypatch):
     """config/released.py on the tiny world: cond_only's first ratio is exactly 1, Stage 1's rewards come
     from the EMA decoder, Stage 2 trains on exactly the best rollout of each group, and its discriminator's
     fakes are reconstructions of ground-truth codes, never policy decodings (policy fakes: the control)."""
-    import train_policy
-    from model_vq import save_decoder
     here = os.path.dirname(os.path.abspath(__file__))
     released = [world, os.path.join(here, "config", "released.py"), "--cons_kind=mse", "--disc_start=0", "--sample_every=0"]
     out = str(tmp_path / "run")
@@ -855,7 +884,6 @@ def test_released_switches_do_what_they_name(world, tmp_path, monkeypatch):
         assert fakes and all(any(torch.equal(f, x) for x in wanted) for f in torch.cat(fakes))
         assert not any(torch.equal(f, x) for f in torch.cat(fakes) for x in never)
     # the paper's selection: every rollout, Rank-GAN-weighted G softmax(r / tau) by its own reward
-    import train_decoder
     c.selection, seen, gan = "rank_softmax", [], train_decoder.rank_gan_loss
     monkeypatch.setattr(train_decoder, "rank_gan_loss", lambda logits, w, kind: seen.append(w) or gan(logits, w, kind))
     decoded, _ = stage2_inputs(c, r1, os.path.join(r1, "rollouts.safetensors"))
@@ -886,7 +914,6 @@ def test_more_switches_move_what_they_name(world, tmp_path):
     only_gan = ["--mode=decoder_only", "--lambda_rec=0", "--lambda_cons=0", "--lambda_bp=0", "--decoder_weight_decay=0",
                 "--disc_weight_decay=0"]
     r0, r1 = run("gan_off", *only_gan, "--disc_weight=0")
-    import train_decoder
     initial_disc = train_decoder.init(ranke.config([world]), r0).disc.state_dict()
     assert same(weights(r0, "decoder.safetensors"), weights(r1, "decoder.safetensors"))
     assert same(weights(r1, "disc.safetensors"), initial_disc)
@@ -956,7 +983,6 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
 
 
 def test_draws_are_seeded_by_every_coordinate():
-    from common import rng
     draw = lambda *key: torch.rand(4, generator=rng(*key))
     assert torch.equal(draw(0, 1, 2, 3), draw(0, 1, 2, 3))
     for other in [(1, 1, 2, 3), (0, 2, 2, 3), (0, 1, 3, 3), (0, 1, 2, 4), (0, 1, 2, 3, "real")]:
@@ -964,7 +990,6 @@ def test_draws_are_seeded_by_every_coordinate():
 
 
 def test_configurator():
-    from configurator import configure
     g = {"tau": 0.1, "rounds": 10, "mode": "ranke", "betas": (0.5, 0.9), "path": None}
     configure(g, ["--tau=inf", "--rounds=3", "--mode=policy_only", "--betas=(0.9, 0.99)", "--path=/x"])
     assert g == {"tau": float("inf"), "rounds": 3, "mode": "policy_only", "betas": (0.9, 0.99), "path": "/x"}
@@ -978,8 +1003,6 @@ def test_configurator():
 
 # ---------------------------------------------------------------- eval.py
 
-import eval as evaluation  # noqa: E402
-from common import caption_features, load_round, read_prompts  # noqa: E402
 
 
 def test_frechet_distance_closed_forms():
@@ -995,7 +1018,6 @@ def test_frechet_distance_closed_forms():
     # S2 = k S1 (full, non-diagonal): Tr(S1 + k S1 - 2 sqrt(k) S1) = (1 - sqrt(k))^2 Tr(S1)
     assert abs(evaluation.frechet(mu, s, mu, 4 * s) - s.trace().item()) < 1e-8
     # covariances that do not commute: Tr (S1 S2)^(1/2) = the sum of the square roots of S1 S2's eigenvalues
-    import numpy as np
     a, b = np.random.default_rng(0).normal(size=(2, 5, 5))
     s1, s2 = a @ a.T + np.eye(5), b @ b.T + np.eye(5)
     assert np.abs(s1 @ s2 - s2 @ s1).max() > 1
@@ -1043,7 +1065,6 @@ def test_coco_protocol_on_a_stand_in_set(world, tmp_path):
     """config/eval_coco.py end to end on a stand-in: the first COCO-30K captions (the real CSV), a few
     real images, a TorchScript feature network under clean-fid's Inception file name (called as
     clean-fid calls it), and the evaluation CLIP as an open_clip checkpoint with the caption prefix."""
-    from PIL import Image
     out = str(tmp_path / "run")
     ranke.main([world, f"--out_dir={out}", "--rounds=0", "--sample_every=0"])
     here = os.path.dirname(os.path.abspath(__file__))
@@ -1084,12 +1105,9 @@ def test_coco_protocol_on_a_stand_in_set(world, tmp_path):
 
 # ---------------------------------------------------------------- the shapes world
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes"))
-import world as shapes_world  # noqa: E402
 
 
 def test_world_is_deterministic_with_unseen_compositions():
-    import random
     a, b = shapes_world.split(0), shapes_world.split(0)
     assert [s["prompt"] for s in a[0] + a[1]] == [s["prompt"] for s in b[0] + b[1]]
     spec = a[1][0]
@@ -1111,9 +1129,8 @@ def test_world_is_deterministic_with_unseen_compositions():
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     """The world prepared in its quick form (a few steps of each model) -- the CI smoke world."""
-    import prepare
     out = str(tmp_path_factory.mktemp("shapes"))
-    prepare.prepare(out, quick=True)
+    shapes_prepare.prepare(out, quick=True)
     return out
 
 
@@ -1142,7 +1159,7 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
                                f"--eval_specs={shapes}/specs.json", f"--feature_net={shapes}/features.pt"])
     assert results[out][2]["FD"] == m["FD"]  # eval.py reuses the images ranke.py generated
     assert os.path.isfile(os.path.join(out, "eval_table.md")) and os.path.isfile(os.path.join(out, "eval_curves.png"))
-    import shutil  # a round that retention removed is read back from the run's metrics.jsonl
+    # a round that retention removed is read back from the run's metrics.jsonl
     shutil.rmtree(os.path.join(out, "round_0002"))
     results = evaluation.main([f"--run={out}", "--eval_rounds=2", f"--feature_net={shapes}/features.pt"])
     assert results[out][2]["FD"] == m["FD"] and "reward" in results[out][2]
@@ -1185,15 +1202,13 @@ def test_eight_ranks_run_the_defaults_and_match_one_process(shapes, tmp_path):
 def shapes_prepared(tmp_path_factory):
     """The world as `python ranke.py` prepares it: the same VQ, GPT and CLIP (the FD network, not
     used here, gets 4 steps). About 6.5 minutes on 2 cores -- the longest part of CI."""
-    import prepare
     out = str(tmp_path_factory.mktemp("shapes_prepared"))
-    prepare.prepare(out, steps={"features": 4})
+    shapes_prepare.prepare(out, steps={"features": 4})
     return out
 
 
 def held_out_rewards(c, d, prompts, n, seed=123):
     """R(x, c) of n samples per prompt from round folder d (fixed seed): len(prompts) x n."""
-    from losses import run_reward
     policy, vq = load_round(c, d)
     reward = run_reward(c)
     texts = [p for p in prompts for _ in range(n)]

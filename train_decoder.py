@@ -163,7 +163,6 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
             c.cons_schedule, global_step, c.cons_start_step, c.cons_end_step, c.cons_start_value, c.cons_end_value)
         weights = {"L_rec": c.lambda_rec, "L_cons": lambda_cons, "L_BP": c.lambda_bp,
                    "L_RankGAN": c.lambda_gan * c.disc_weight}
-        s.opt.zero_grad(set_to_none=True)
         for ch in chunks:  # the decoder's step, Eq. 4
             with amp:
                 images = s.vq.decode(ch.codes)
@@ -194,6 +193,7 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
         torch.nn.utils.clip_grad_norm_(decoder_parameters(s.vq), c.decoder_grad_clip)
         s.scaler.step(s.opt)
         s.scaler.update()
+        s.opt.zero_grad(set_to_none=True)  # no gradients are held between steps, nor while Stage 1 runs
         ema_update(s.ema, s.vq, c.ema_decay)
         if gan_on and not c.disc_first:  # the paper's order: the discriminator then learns from this step's fakes
             disc_step(s, c, chunks, world, step, stats)
@@ -205,7 +205,7 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
 def disc_step(s, c, chunks, world, step, stats):
     """The discriminator's hinge step: the chunks' real training images against their `fakes` (policy
     decodings, or reconstructions of the real images' codes), scaled by disc_weight."""
-    s.opt_d.zero_grad(set_to_none=True)
+    s.opt_d.zero_grad(set_to_none=True)  # also drops what the decoder's GAN terms left in the discriminator
     for ch in chunks:
         with autocast(c):
             d_loss, acc = disc_loss(s.disc(ch.real), s.disc(ch.fakes))

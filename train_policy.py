@@ -123,7 +123,6 @@ def run(s, c, rnd, rank=0, world=1):
             for key, v in zip(saved, (codes, rewards, ids, logp_old, torch.full_like(ids, step * n_chunks + k))):
                 saved[key].append(v.cpu())
         for epoch in range(1, c.ppo_epochs + 1 if s.update else 0):  # PPO: clipped updates on these rollouts
-            s.opt.zero_grad(set_to_none=True)
             for r in rollouts:
                 with amp:
                     logp, entropy = token_logprobs(s.policy, r.codes, r.cond, r.mask, **sampling, cond_only=cond_only)
@@ -139,6 +138,7 @@ def run(s, c, rnd, rank=0, world=1):
             torch.nn.utils.clip_grad_norm_(s.policy.parameters(), c.policy_grad_clip)
             s.scaler.step(s.opt)
             s.scaler.update()
+            s.opt.zero_grad(set_to_none=True)  # no gradients are held between updates, nor while Stage 2 runs
             update = ((rnd - 1) * c.policy_steps + step) * c.ppo_epochs + epoch  # over the whole run, from 1
             if update % c.ref_update_every == 0:
                 ema_update(s.ref, s.policy, c.ref_decay)

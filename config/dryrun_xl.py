@@ -6,9 +6,9 @@
 #   python ranke.py config/dryrun_xl.py
 # fp32 on purpose: bf16 autocast on this CPU is emulated and slow, so a full-depth bf16 run is not
 # practical on CPU (on a GPU: --device=cuda --dtype=bfloat16). Even in fp32 the full 36 layers hold the
-# policy, pi_ref, its gradients and AdamW's two moments (about 20 bytes a parameter, ~16 GB) besides the
-# activations, CLIP ViT-L/14 and the decoder stage: measured, Stage 1 runs (4 min 38 s on 2 cores) but the
-# whole round passes 24 GB as Stage 2 starts; --mode=decoder_only fits (11.6 GB).
+# policy, pi_ref and AdamW's two moments (16 bytes a parameter, 12.4 GB) across the round, its gradients
+# (3.1 GB) while Stage 1 runs, CLIP ViT-L/14 and the decoder stage: measured, the whole RankE round runs in
+# 6 min on 2 cores at a peak of 23.0 GB, so run it with nothing else on a 24 GB machine.
 import os
 exec(open(os.path.join(os.path.dirname(__file__), "llamagen_xl_clip.py")).read())  # the preset's values ...
 # ... but the models, data and sizes of the dry run
