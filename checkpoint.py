@@ -1,10 +1,12 @@
-"""Reading and writing weights: official LlamaGen .pt files, safetensors, atomic writes.
+"""Reading and writing weights: official LlamaGen .pt files, safetensors, transformers folders (Janus),
+atomic writes.
 
 Every load in RankE goes through here, so bad input gets one clear error and nothing is unpickled
 beyond tensors (torch.load(weights_only=True)); every write goes to a temporary file that is renamed
 into place, so a crash never leaves a half-written file behind.
 """
 import argparse
+import json
 import os
 import pickle
 
@@ -37,6 +39,31 @@ def read_state_dict(path, keys=("model", "module", "state_dict")):
     if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
         raise ValueError(f"{path} holds no state_dict of tensors (looked at the top level and under {keys})")
     return ckpt
+
+
+def read_pretrained(folder, prefix, keep=("",)):
+    """Tensors of a transformers `save_pretrained` folder (model.safetensors, or the shards that
+    model.safetensors.index.json lists) whose names start with `prefix` (removed) followed by one of `keep`."""
+    from safetensors import safe_open
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    out = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder} lacks {name}, a file of its weights")
+        try:
+            with safe_open(path, "pt") as f:
+                for k in f.keys():
+                    if k.startswith(prefix) and k[len(prefix):].startswith(keep):
+                        out[k[len(prefix):]] = f.get_tensor(k)
+        except Exception as e:
+            raise ValueError(f"cannot read {path} ({e}): a truncated or corrupt safetensors file") from None
+    return out
 
 
 def check_keys(own, state_dict, what):

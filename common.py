@@ -20,15 +20,19 @@ import torch.distributed as dist
 from checkpoint import atomic_save, read_state_dict
 from configurator import configure, defaults
 from model_ar import gpt_config, load_gpt
+from model_janus import TEMPLATE, load_janus, prompt_ids
 from model_vq import VQ_CONFIGS, load_decoder, load_vq
 
 # -- config shared by train_policy.py, train_decoder.py and ranke.py (overridden the same way).
 #    The defaults are the embedded shapes world; config/llamagen_xl_*.py set the real models. --
 out_dir = "out/ranke"
 prepare = "data/shapes/prepare.py --out=out/shapes"  # run first (with this Python) to build what is missing; "" = none
-gpt_model = "GPT-micro"
+backbone = "llamagen"  # the policy: 'llamagen' (t2i GPT, T5 captions) | 'janus' (Janus-Pro through its transformers folder)
+gpt_model = "GPT-micro"  # LlamaGen's GPT config; a Janus folder's config.json gives its own
 gpt_layers = 0  # 0 = the model's own depth; fewer = the same width cut short (the XL dry run)
-gpt_ckpt = "out/shapes/gpt.pt"
+gpt_ckpt = "out/shapes/gpt.pt"  # LlamaGen: the t2i .pt; Janus: the transformers folder (policy, tokenizer, VQ)
+janus_prompt_len = 128  # Janus: prompt slots (template + prompt + image-start token), left-padded
+janus_template = TEMPLATE  # Janus: the chat template each prompt is put in
 vq_model = "VQ-micro"
 vq_ckpt = "out/shapes/vq.pt"
 image_size = 32
@@ -50,7 +54,7 @@ group_size = 8  # G rollouts per prompt (Table F.1)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32
 seed = 0
-SWITCHES = {"caption_padding": ("left", "right"), "reward_resize": ("crop", "squash")}
+SWITCHES = {"backbone": ("llamagen", "janus"), "caption_padding": ("left", "right"), "reward_resize": ("crop", "squash")}
 
 
 def bad_switch(c, switches):
@@ -68,9 +72,13 @@ def make_config(cfg, argv=None, **forced):
     if c.vq_model not in VQ_CONFIGS:
         raise SystemExit(f"unknown vq_model {c.vq_model!r}: one of {sorted(VQ_CONFIGS)}")
     vq_cfg = VQ_CONFIGS[c.vq_model]
-    c.block_size = (c.image_size // 2 ** (len(vq_cfg.ch_mult) - 1)) ** 2
+    down = 2 ** (len(vq_cfg.ch_mult) - 1)
+    if c.image_size % down:
+        raise SystemExit(f"image_size {c.image_size} is not a multiple of {c.vq_model}'s {down}x downsampling: "
+                         f"its codes cannot tile the image")
+    c.block_size = (c.image_size // down) ** 2
     c.codebook_size = vq_cfg.codebook_size
-    c.cls_token_num = gpt_config(c.gpt_model).cls_token_num
+    c.cls_token_num = c.janus_prompt_len if c.backbone == "janus" else gpt_config(c.gpt_model).cls_token_num
     c.t5_cache = os.path.join(c.out_dir, "t5_cache.safetensors")
     return c
 
@@ -78,6 +86,23 @@ def make_config(cfg, argv=None, **forced):
 def gpt_overrides(c):
     """The policy's config changes: its block of image tokens, and the layer count of a dry run."""
     return {"block_size": c.block_size, **({"n_layer": c.gpt_layers} if c.gpt_layers else {})}
+
+
+def check_janus_image(c, cfg):
+    """A Janus checkpoint generates a fixed grid of image tokens (its JanusConfig `cfg`): image_size must make it."""
+    side, ours = int(cfg.block_size ** 0.5), int(c.block_size ** 0.5)
+    if side != ours:
+        raise ValueError(f"{c.gpt_ckpt} generates {side} x {side} image tokens, and image_size {c.image_size} with "
+                         f"{c.vq_model} makes {ours} x {ours}: set image_size={side * c.image_size // ours}")
+
+
+def load_policy(c, path):
+    """The run's policy with the weights of `path` (the base checkpoint, or a round's policy.safetensors)."""
+    if c.backbone == "janus":
+        policy = load_janus(path, c.gpt_ckpt, c.cls_token_num, c.gpt_layers)
+        check_janus_image(c, policy.config)
+        return policy
+    return load_gpt(path, c.gpt_model, **gpt_overrides(c))
 
 
 def standalone_config(module, argv=None):
@@ -291,7 +316,10 @@ def load_image(path, size):
 
 
 def caption_features(prompts, c, max_length):
-    """T5 features of prompts, padded as c.caption_padding says, cached by prompt in the run's folder."""
+    """The policy's condition and its mask: LlamaGen's T5 features (padded as c.caption_padding says,
+    cached by prompt in the run's folder), or Janus's prompt token ids."""
+    if c.backbone == "janus":
+        return prompt_ids(prompts, c.gpt_ckpt, max_length, c.janus_template)
     from model_ar import cached_t5_embed
     return cached_t5_embed(prompts, c.t5_cache, c.t5_path, c.device, torch.float32, max_length, c.caption_padding)
 
@@ -350,7 +378,7 @@ def read_meta(d):
 
 def load_round(c, d):
     """Round folder d's policy and its decoder (on the base tokenizer's encoder and codebook), on c.device."""
-    policy = load_gpt(os.path.join(d, "policy.safetensors"), c.gpt_model, **gpt_overrides(c)).to(c.device)
+    policy = load_policy(c, os.path.join(d, "policy.safetensors")).to(c.device)
     vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
     return policy, vq
 

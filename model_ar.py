@@ -190,6 +190,19 @@ class GPT(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.output.weight)
 
+    # -- what generate() and token_logprobs() ask of a policy (model_janus.JanusPolicy answers the same) --
+    def embed_caption(self, cond):
+        """Caption features -> the residual stream, in the token embeddings' dtype (fp32 under autocast)."""
+        w = self.cls_embedding.cap_proj.fc1.weight
+        return self.cls_embedding(cond.to(w.dtype)).to(self.tok_embeddings.weight.dtype)
+
+    def embed_tokens(self, tokens):
+        return self.tok_embeddings(tokens)
+
+    def null_caption(self, cond, cond_mask):
+        """The unconditional caption of CFG: the learned null caption under the same mask."""
+        return self.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond), cond_mask
+
     def caption(self, cond, uncond=None):
         """Rows where `uncond` is True take the learned null caption (caption dropout / CFG)."""
         if uncond is None:
@@ -202,7 +215,7 @@ class GPT(nn.Module):
         and tokens[:, :t]. cond: B x C x caption_dim left-padded; cond_mask: B x C (1 = caption)."""
         C = self.config.cls_token_num
         tok = self.tok_embeddings(tokens[:, :-1])
-        h = torch.cat([self.cls_embedding(self.caption(cond, uncond)).to(tok.dtype), tok], 1)
+        h = torch.cat([self.embed_caption(self.caption(cond, uncond)), tok], 1)
         L = h.shape[1]
         mask, rope = attention_mask(cond_mask, L), self.rope[:L]
         h = self.tok_dropout(h)
@@ -233,13 +246,11 @@ class GPT(nn.Module):
 
 
 def prefill(model, cond, mask, input_pos):
-    # the residual stream in the token embeddings' dtype, as in the teacher-forced forward (fp32 under autocast)
-    h = model.cls_embedding(cond).to(model.tok_embeddings.weight.dtype)
-    return model.step(h, input_pos, mask[:, :, input_pos])
+    return model.step(model.embed_caption(cond), input_pos, mask[:, :, input_pos])
 
 
 def decode_one_token(model, token, mask, input_pos):
-    return model.step(model.tok_embeddings(token), input_pos, mask[:, :, input_pos])
+    return model.step(model.embed_tokens(token), input_pos, mask[:, :, input_pos])
 
 
 def guide(logits, cfg_scale):
@@ -279,18 +290,18 @@ def sample(logits, temperature, top_k, top_p, generator=None):
 
 
 def cfg_batch(model, cond, cond_mask, cfg_scale):
-    """Append the unconditional half (learned null caption, the same caption mask) when s > 1."""
+    """Append the unconditional half (the model's null caption) when s > 1."""
     if cfg_scale <= 1.0:
         return cond, cond_mask
-    null = model.cls_embedding.uncond_embedding.to(cond.dtype).expand_as(cond)
-    return torch.cat([cond, null]), torch.cat([cond_mask, cond_mask])
+    null, null_mask = model.null_caption(cond, cond_mask)
+    return torch.cat([cond, null]), torch.cat([cond_mask, null_mask])
 
 
 def activation_dtype(model):
     """The dtype of the model's activations: the autocast dtype while autocast is on for the model's
     device, else the weights' dtype."""
-    device = model.output.weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.output.weight.dtype
+    w = next(model.parameters())
+    return torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
 
 
 @torch.no_grad()
@@ -306,7 +317,6 @@ def generate(model, cond, cond_mask, cfg_scale=7.5, temperature=1.0, top_k=1000,
     dtype = activation_dtype(model)
     model.setup_cache(cond.shape[0], dtype)  # k, v as the attention computes them: bf16 under bf16 autocast
     mask = attention_mask(cond_mask, C + T)
-    cond = cond.to(dtype)
     logits = prefill(model, cond, mask, torch.arange(C, device=cond.device))
     tokens, logps = [], []
     for t in range(T):

@@ -1,17 +1,20 @@
 """LlamaGen's VQ image tokenizer (VQ-16 / VQ-8), written out for RankE.
 
 The module names and shapes are those of the official checkpoints (`vq_ds16_t2i.pt`), so they load
-with a strict state_dict and encode / decode exactly as FoundationVision/LlamaGen does. RankE's Stage 2
+with a strict state_dict and encode / decode exactly as FoundationVision/LlamaGen does. Janus-Pro's
+image tokenizer is the same VQ-16: a transformers Janus folder loads too, its names translated. RankE's Stage 2
 trains the decoder part -- `post_quant_conv` + `decoder` -- on codes from the policy; the encoder,
 `quant_conv` and the codebook stay frozen (the codes must keep their meaning for the policy).
 """
+import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import atomic_save, check_keys, load_exact, read_state_dict
+from checkpoint import atomic_save, check_keys, load_exact, read_pretrained, read_state_dict
 
 
 @dataclass
@@ -244,8 +247,41 @@ def load_decoder(vq, path):
     return vq
 
 
+MID = ("block_1", "attn_1", "block_2")
+
+
+def from_janus(sd, cfg):
+    """transformers' JanusVQVAE names -> LlamaGen's (which DeepSeek's own Janus code keeps): `down` / `up`
+    levels with `block`s are `conv_blocks` with `res`, the mid block's `block_1, attn_1, block_2` a list.
+    Its usage buffer is not in the file (unused at inference)."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^(encoder|decoder)\.(?:down|up)\.(\d+)\.block\.", r"\1.conv_blocks.\2.res.", k)
+        k = re.sub(r"^(encoder|decoder)\.(?:down|up)\.(\d+)\.", r"\1.conv_blocks.\2.", k)
+        k = re.sub(r"\.mid\.(block_1|attn_1|block_2)\.", lambda m: f".mid.{MID.index(m[1])}.", k)
+        out[k] = v
+    out["quantize.codebook_used"] = torch.zeros(cfg.usage_buffer)
+    return out
+
+
+def to_janus(sd):
+    """LlamaGen's names -> transformers' JanusVQVAE names (from_janus backwards), without the usage buffer."""
+    out = {}
+    for k, v in sd.items():
+        if k == "quantize.codebook_used":
+            continue
+        level = lambda m: f"{m[1]}.{'down' if m[1] == 'encoder' else 'up'}.{m[2]}."
+        k = re.sub(r"^(encoder|decoder)\.conv_blocks\.(\d+)\.res\.", lambda m: level(m) + "block.", k)
+        k = re.sub(r"^(encoder|decoder)\.conv_blocks\.(\d+)\.", level, k)
+        k = re.sub(r"\.mid\.(\d)\.", lambda m: f".mid.{MID[int(m[1])]}.", k)
+        out[k] = v
+    return out
+
+
 def load_vq(path, config="VQ-16"):
-    """An official LlamaGen tokenizer file (.pt with tensors under "model") or a .safetensors."""
+    """An official LlamaGen tokenizer file (.pt with tensors under "model"), a .safetensors, or a
+    transformers Janus folder (its `model.vqmodel`: LlamaGen's VQ-16 under other names)."""
     cfg = VQ_CONFIGS[config] if isinstance(config, str) else config
     vq = VQModel(cfg)
-    return load_exact(vq, read_state_dict(path), f"VQ config {config!r} ({path})").eval()
+    sd = from_janus(read_pretrained(path, "model.vqmodel."), cfg) if os.path.isdir(path) else read_state_dict(path)
+    return load_exact(vq, sd, f"VQ config {config!r} ({path})").eval()

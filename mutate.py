@@ -61,6 +61,15 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("kv cache: weights' dtype", "model_ar.py", "model.setup_cache(cond.shape[0], dtype)", "model.setup_cache(cond.shape[0], model.output.weight.dtype)"),
     ("t5: right padding loses the last slot", "model_ar.py", "emb[i, max_length - len(pad):] = pad", "pass"),
     ("sampler: greedy off by one", "model_ar.py", "return logits.argmax(-1, keepdim=True)", "return (logits.argmax(-1, keepdim=True) + 1) % logits.shape[-1]"),
+    # the Janus policy (model_janus.py) and its VQ's names
+    ("janus: unconditional row keeps the prompt", "model_janus.py", "(ids != cfg.bos_id) & (ids != cfg.boi_id), cfg.pad_id",
+     "(ids == cfg.pad_id), cfg.pad_id"),
+    ("janus: rotate-half sign", "model_janus.py", "torch.cat([-x2, x1], -1) * sin", "torch.cat([x2, -x1], -1) * sin"),
+    ("janus: aligner without its GELU", "model_janus.py", "h = layer(F.gelu(h))", "h = layer(h)"),
+    ("janus: head off by one position", "model_janus.py", "return self.head(self.language_model.norm(h[:, C - 1:]))",
+     "return self.head(self.language_model.norm(h[:, C - 2:-1]))"),
+    ("janus: image-start token not appended", "model_janus.py", "+ [cfg.boi_id]", "+ [cfg.pad_id]"),
+    ("vq: Janus mid blocks out of order", "model_vq.py", 'MID = ("block_1", "attn_1", "block_2")', 'MID = ("block_2", "attn_1", "block_1")'),
     # the stages and the loop
     ("policy: pi_ref never updated", "train_policy.py", "ema_update(s.ref, s.policy, c.ref_decay)", "pass"),
     ("policy: kl_estimator ignored", "train_policy.py", "entropy, c.kl_estimator)", "entropy)"),

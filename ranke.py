@@ -29,7 +29,8 @@ from common import (autocast, caption_features, carry_over, check_dtype, commit_
                     read_meta, read_prompts, round_dir, save_grid, save_model)
 from configurator import defaults
 from losses import reward_terms, run_reward
-from model_ar import fill_t5_cache, generate, load_gpt
+from model_ar import fill_t5_cache, generate
+from model_janus import janus_config, prompt_ids
 from model_vq import load_vq, save_decoder
 
 # -- config: the loop's own keys. Each stage's keys stand at the top of train_policy.py,
@@ -50,7 +51,7 @@ LOOP_KEYS = ("mode", "rounds", "save_every", "sample_every", "sample_prompts", "
 ROUND_FILES = ["policy.safetensors", "policy_ref.safetensors", "opt_policy.safetensors", "decoder.safetensors",
                "decoder_ema.safetensors", "disc.safetensors", "opt_decoder.safetensors", "opt_disc.safetensors"]
 # what a resumed run must share with the run in out_dir (the world size is free: it changes no result)
-COMPATIBLE = ("gpt_model", "gpt_layers", "vq_model", "image_size", "group_size", "seed", "mode", "policy_steps", "decoder_steps",
+COMPATIBLE = ("backbone", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size", "seed", "mode", "policy_steps", "decoder_steps",
               "prompts_per_step", "prompts_per_chunk", "decoder_chunks", "decoder_batch", "real_batch")
 
 
@@ -103,8 +104,17 @@ def validate(c, rank, world):
         step = c.group_size // math.gcd(c.group_size, c.decoder_batch)
         need(False, f"a decoder step's {c.decoder_chunks} chunks (decoder_chunks) cannot be dealt evenly to {world} "
                     f"ranks: set decoder_chunks={split_hint(c.decoder_chunks, world, step)}")
-    for key in ("gpt_ckpt", "vq_ckpt", "train_prompts", "train_pairs"):
-        need(os.path.isfile(getattr(c, key)), f"{key} not found: {getattr(c, key)}")
+    for key in ("gpt_ckpt", "vq_ckpt", "train_prompts", "train_pairs"):  # a Janus checkpoint is a folder
+        path = getattr(c, key)
+        need(os.path.isfile(path) or (c.backbone == "janus" and key.endswith("ckpt") and os.path.isdir(path)),
+             f"{key} not found: {path}")
+    if c.backbone == "janus":
+        need(c.caption_padding == "left", "Janus prompts are left-padded, as its processor pads them: set caption_padding=left")
+        try:  # the image grid the checkpoint generates, and every training prompt within janus_prompt_len
+            common.check_janus_image(c, janus_config(c.gpt_ckpt))
+            prompt_ids(read_prompts(c.train_prompts), c.gpt_ckpt, c.cls_token_num, c.janus_template)
+        except (FileNotFoundError, ValueError) as e:
+            need(False, str(e))
     try:
         terms = reward_terms(c)
     except ValueError as e:
@@ -131,7 +141,7 @@ def validate(c, rank, world):
 def base_round(c):
     """round_0000: the base policy (also the first pi_ref) and decoder (also the first EMA decoder)."""
     tmp = common.begin_round(c.out_dir, 0)
-    policy = load_gpt(c.gpt_ckpt, c.gpt_model, **common.gpt_overrides(c))
+    policy = common.load_policy(c, c.gpt_ckpt)
     save_model(policy, os.path.join(tmp, "policy.safetensors"))
     os.link(os.path.join(tmp, "policy.safetensors"), os.path.join(tmp, "policy_ref.safetensors"))
     vq = load_vq(c.vq_ckpt, c.vq_model)
@@ -228,7 +238,7 @@ def main(argv=None, **forced):
     barrier(world)
     start = max(start, 0)
     c.run_id = read_meta(round_dir(c.out_dir, start))["run_id"]
-    if rank == 0:  # T5 runs once for every prompt of the run; the stages read the cache
+    if rank == 0 and c.backbone == "llamagen":  # T5 runs once for every prompt of the run; the stages read the cache
         fill_t5_cache(read_prompts(c.train_prompts), c.t5_cache, c.t5_path, c.device, max_length=c.cls_token_num)
     barrier(world)
     # each stage's models and optimizer states stay in memory from here to the end; the reward is shared

@@ -270,7 +270,10 @@ def test_guided_logprob_against_its_closed_form_and_gradient(gpt):
     class Logits(torch.nn.Module):  # a stand-in policy whose logits are the leaf: rows [cond; uncond]
         def __init__(self, logits):
             super().__init__()
-            self.logits, self.cls_embedding = torch.nn.Parameter(logits), gpt.cls_embedding
+            self.logits = torch.nn.Parameter(logits)
+
+        def null_caption(self, cond, mask):
+            return cond, mask
 
         def forward(self, tokens, cond, mask):
             return self.logits
@@ -371,6 +374,125 @@ def test_t5_embeddings_are_left_padded_and_cached(tmp_path):
     assert (e3[0, 4:-1] == 0).all() and not torch.allclose(out[-1], torch.zeros_like(out[-1]))
     with pytest.raises(FileNotFoundError, match="T5 directory not found"):
         model_ar.load_t5(str(tmp_path / "missing"))
+
+
+# ---------------------------------------------------------------- the Janus policy (model_janus.py)
+
+JANUS_C = 16  # prompt slots of the tiny Janus tests
+
+
+@pytest.fixture(scope="module")
+def janus_dir(tmp_path_factory):
+    """A random transformers Janus-Pro (16 px images, 4 x 4 codes, GQA language model) saved as the
+    converted checkpoint is, with a word-level tokenizer: transformers is the reference."""
+    path = str(tmp_path_factory.mktemp("janus"))
+    shapes_prepare.janus_base(path, "a red blue green circle square triangle two three above below left of".split(),
+                              image_size=16, dim=64, n_layer=2, std=0.25)
+    return path
+
+
+def hf_janus(path):
+    from transformers import JanusForConditionalGeneration
+    return JanusForConditionalGeneration.from_pretrained(path, local_files_only=True).eval()
+
+
+JANUS_PROMPTS = ["a red circle", "two blue squares above a green triangle", "a square"]
+
+
+def test_janus_prompts_and_greedy_cfg_equal_transformers(janus_dir):
+    """The prompt ids are the tokenizer's on the template with the image-start token's text; greedy CFG
+    tokens equal transformers' generate(generation_mode="image") one prompt at a time and left-padded
+    in a batch; teacher-forced logits equal its language model + generation head."""
+    from transformers import AutoTokenizer
+    from model_janus import load_janus, prompt_ids
+    hf, tok = hf_janus(janus_dir), AutoTokenizer.from_pretrained(janus_dir)
+    policy = load_janus(janus_dir, janus_dir, JANUS_C)
+    ids, mask = prompt_ids(JANUS_PROMPTS, janus_dir, JANUS_C)
+    rows = [tok(f"<|User|>: {p}\n\n<|Assistant|>:<begin_of_image>")["input_ids"] for p in JANUS_PROMPTS]
+    assert [r[0] for r in rows] == [policy.config.bos_id] * 3 and all(r[-1] == policy.config.boi_id for r in rows)
+    assert [ids[i, mask[i].bool()].tolist() for i in range(3)] == rows and (ids[~mask.bool()] == policy.config.pad_id).all()
+    used = mask.sum(0) > 0
+    with torch.no_grad():
+        for s in (1.5, 5.0):
+            ours = generate(policy, ids, mask, cfg_scale=s, temperature=0)
+            one = torch.cat([hf.generate(torch.tensor([r]), attention_mask=torch.ones(1, len(r), dtype=torch.long),
+                                         generation_mode="image", do_sample=False, guidance_scale=s) for r in rows])
+            batch = hf.generate(ids[:, used], attention_mask=mask[:, used], generation_mode="image", do_sample=False,
+                                guidance_scale=s)
+            assert torch.equal(ours, one) and torch.equal(ours, batch)
+            assert len({tuple(r) for r in ours.tolist()}) == 3  # the prompts matter: no degenerate agreement
+        logits = policy(ours, ids, mask)
+        emb = torch.cat([hf.get_input_embeddings()(ids), hf.prepare_embeddings_for_image_generation(ours[:, :-1])], 1)
+        h = hf.model.language_model(inputs_embeds=emb, attention_mask=torch.cat([mask, torch.ones_like(ours[:, 1:])], 1))
+        assert torch.allclose(logits, hf.model.generation_head(h.last_hidden_state[:, JANUS_C - 1:]), atol=1e-5)
+    # CFG's unconditional row: every prompt token but BOS and the image-start token is the pad token
+    null, null_mask = policy.null_caption(ids, mask)
+    keep = (ids == policy.config.bos_id) | (ids == policy.config.boi_id)
+    assert torch.equal(null[keep], ids[keep]) and (null[~keep] == policy.config.pad_id).all() and null_mask is mask
+
+
+def test_janus_sampler_logprobs_equal_teacher_forced(janus_dir):
+    from model_janus import load_janus, prompt_ids
+    policy = load_janus(janus_dir, janus_dir, JANUS_C)
+    ids, mask = prompt_ids(JANUS_PROMPTS, janus_dir, JANUS_C)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        codes, lp = generate(policy, ids, mask, 4.0, 1.0, 50, 0.9, generator=g, return_logprobs=True)
+        assert torch.allclose(token_logprobs(policy, codes, ids, mask, 4.0, 1.0, 50, 0.9)[0], lp, atol=1e-5)
+        cond_only = token_logprobs(policy, codes, ids, mask, 4.0, 1.0, 50, 0.9, cond_only=True)[0]
+        assert torch.allclose(cond_only, policy(codes, ids, mask).log_softmax(-1).gather(-1, codes[..., None])[..., 0])
+    lp, _ = token_logprobs(policy, codes, ids, mask, 4.0, 1.0, 50, 0.9)
+    lp.sum().backward()  # the policy trains its language model and generation path, and nothing else exists in it
+    assert all(p.grad is not None for n, p in policy.named_parameters() if "embed_tokens" not in n)
+    assert not any(k.startswith(("vision_model", "aligner", "vqmodel", "lm_head")) for k in policy.state_dict())
+
+
+def test_janus_vq_decodes_as_transformers_and_encodes_as_deepseek(janus_dir, tmp_path):
+    """The folder's VQ decodes as transformers' decode_image_tokens. Encoding follows DeepSeek's own
+    quantiser (LlamaGen's: the nearest code on the unit sphere), which transformers' skips; and a run's
+    policy and decoder exported back into a folder load in transformers and give the same logits and images."""
+    import torch.nn.functional as F
+    from model_janus import export_janus, load_janus, prompt_ids
+    hf, vq = hf_janus(janus_dir), model_vq.load_vq(janus_dir, "VQ-micro")
+    codes = torch.randint(0, 256, (3, 16))
+    with torch.no_grad():
+        assert torch.allclose(vq.decode(codes), hf.decode_image_tokens(codes).permute(0, 3, 1, 2), atol=1e-4)
+        x = torch.rand(2, 3, 16, 16) * 2 - 1
+        z = F.normalize(hf.model.vqmodel.quant_conv(hf.model.vqmodel.encoder(x)).permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
+        e = F.normalize(hf.model.vqmodel.quantize.embedding.weight, dim=-1)
+        assert torch.equal(vq.encode(x).flatten(), torch.cdist(z, e).argmin(1))
+    sd = vq.state_dict()
+    assert all(torch.equal(v, sd[k]) for k, v in model_vq.from_janus(model_vq.to_janus(sd), vq.config).items())
+    policy = load_janus(janus_dir, janus_dir, JANUS_C)
+    with torch.no_grad():
+        for p in [*policy.parameters(), *vq.decoder.parameters()]:
+            p.add_(0.01 * torch.randn_like(p))
+    export_janus(policy, vq, janus_dir, str(tmp_path / "trained"))
+    hf2 = hf_janus(str(tmp_path / "trained"))
+    ids, mask = prompt_ids(JANUS_PROMPTS, janus_dir, JANUS_C)
+    with torch.no_grad():
+        assert torch.allclose(vq.decode(codes), hf2.decode_image_tokens(codes).permute(0, 3, 1, 2), atol=1e-4)
+        emb = torch.cat([hf2.get_input_embeddings()(ids), hf2.prepare_embeddings_for_image_generation(codes[:, :-1])], 1)
+        h = hf2.model.language_model(inputs_embeds=emb, attention_mask=torch.cat([mask, torch.ones_like(codes[:, 1:])], 1))
+        assert torch.allclose(policy(codes, ids, mask), hf2.model.generation_head(h.last_hidden_state[:, JANUS_C - 1:]),
+                              atol=1e-5)
+
+
+def test_janus_bad_folders_and_prompts(janus_dir, tmp_path):
+    from model_janus import load_janus, prompt_ids
+    broken = tmp_path / "broken"
+    shutil.copytree(janus_dir, broken)
+    os.remove(broken / "tokenizer.json")
+    os.remove(broken / "generation_config.json")
+    with pytest.raises(FileNotFoundError, match="missing generation_config.json, tokenizer.json"):
+        load_janus(str(broken), str(broken))
+    gen = json.load(open(os.path.join(janus_dir, "generation_config.json")))
+    shutil.copy(os.path.join(janus_dir, "tokenizer.json"), broken / "tokenizer.json")
+    (broken / "generation_config.json").write_text(json.dumps({**gen, "generation_kwargs": {"boi_token_id": 999}}))
+    with pytest.raises(ValueError, match="image-start token id 999"):
+        prompt_ids(["a red circle"], str(broken), JANUS_C)
+    with pytest.raises(ValueError, match="raise it"):
+        prompt_ids(["two blue squares above a green triangle"], janus_dir, 8)
 
 
 # ---------------------------------------------------------------- losses: Stage 1
@@ -674,6 +796,23 @@ def world(tmp_path_factory):
     return tiny_world(tmp_path_factory.mktemp("world"))
 
 
+@pytest.fixture(scope="module")
+def janus_world(world, janus_dir):
+    """The tiny world with the tiny Janus as its policy (16 px images, its VQ from the folder)."""
+    root = os.path.dirname(world)
+    with open(os.path.join(root, "pairs_16.jsonl"), "w") as f:
+        for i, p in enumerate(read_prompts(os.path.join(root, "prompts.txt"))):
+            Image.open(os.path.join(root, f"img{i}.png")).resize((16, 16), Image.NEAREST).save(os.path.join(root, f"img16_{i}.png"))
+            f.write(json.dumps({"image": f"img16_{i}.png", "caption": p}) + "\n")
+    cfg = os.path.join(root, "tiny_janus.py")
+    with open(cfg, "w") as f:
+        f.write(open(world).read() + f"""
+backbone = "janus"; gpt_ckpt = "{janus_dir}"; vq_model = "VQ-micro"; vq_ckpt = "{janus_dir}"; image_size = 16
+janus_prompt_len = {JANUS_C}; train_pairs = "{root}/pairs_16.jsonl"
+""")
+    return cfg
+
+
 def weights(d, name):
     return load_file(os.path.join(d, name))
 
@@ -727,6 +866,44 @@ def assert_same_run(a_dir, b_dir, rounds, atol):
                   "disc.safetensors"):
             wa, wb = weights(a, f), weights(b, f)
             assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=0, atol=atol) for k in wa), (r, f)
+
+
+def test_janus_runs_the_loop_and_trains_only_its_generation_path(janus_world, janus_dir, tmp_path):
+    """Two RankE rounds with the Janus backbone: the policy file holds the language model and the
+    generation path (no understanding tower, no text head), both stages move their models, and the
+    run's models go back into a folder that transformers samples from."""
+    from model_janus import JanusPolicy, export_janus, janus_config
+    for extra, message in [(["--image_size=32"], "generates 4 x 4 image tokens, and image_size 32 .* set image_size=16"),
+                           (["--image_size=18"], "not a multiple of VQ-micro's 4x downsampling"),
+                           (["--janus_prompt_len=6"], "more than janus_prompt_len = 6: raise it"),
+                           (["--caption_padding=right"], "Janus prompts are left-padded")]:
+        with pytest.raises(SystemExit, match=message):
+            ranke.main([janus_world, f"--out_dir={tmp_path / 'bad'}", *extra])
+        assert not (tmp_path / "bad").exists()
+    out = str(tmp_path / "run")
+    ranke.main([janus_world, f"--out_dir={out}"])
+    r0, r2 = os.path.join(out, "round_0000"), os.path.join(out, "round_0002")
+    base, trained = weights(r0, "policy.safetensors"), weights(r2, "policy.safetensors")
+    assert trained.keys() == JanusPolicy(janus_config(janus_dir, cls_token_num=JANUS_C)).state_dict().keys()
+    assert not torch.equal(base["language_model.layers.0.self_attn.q_proj.weight"],
+                           trained["language_model.layers.0.self_attn.q_proj.weight"])
+    assert not same(weights(r0, "decoder.safetensors"), weights(r2, "decoder.safetensors"))
+    R = weights(r2, "rollouts.safetensors")
+    assert R["codes"].shape == (4 * 4, 16) and int(R["codes"].max()) < 256
+    c = ranke.config([janus_world, f"--out_dir={out}"])
+    policy, vq = load_round(c, r2)
+    export_janus(policy, vq, janus_dir, str(tmp_path / "export"))
+    ids, mask = caption_features(read_prompts(c.train_prompts)[:2], c, JANUS_C)
+    with torch.no_grad():
+        tokens = hf_janus(str(tmp_path / "export")).generate(ids, attention_mask=mask, generation_mode="image",
+                                                             do_sample=False, guidance_scale=2.0)
+        assert torch.equal(tokens, generate(policy, ids, mask, cfg_scale=2.0, temperature=0))
+    # the bf16 path users run: autocast with fp32 master weights, a bf16 KV cache
+    bf16 = str(tmp_path / "bf16")
+    ranke.main([janus_world, f"--out_dir={bf16}", "--rounds=1", "--sample_every=0", "--dtype=bfloat16"])
+    m = json.loads(open(os.path.join(bf16, "metrics.jsonl")).readline())
+    assert all(math.isfinite(m[k]) for k in ("reward", "kl", "L_rec", "L_RankGAN")) and m["ratio_dev_epoch1"] == 0
+    assert weights(os.path.join(bf16, "round_0001"), "policy.safetensors")["language_model.norm.weight"].dtype == torch.float32
 
 
 @pytest.mark.slow

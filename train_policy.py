@@ -26,7 +26,7 @@ from common import (all_gather, all_reduce_grads, autocast, caption_features, ch
                     load_optimizer, mean_stats, peak_memory_gb, read_prompts, reset_peak_memory, rng, save_model,
                     save_optimizer)
 from losses import ema_update, group_advantages, grpo_loss, run_reward
-from model_ar import generate, load_gpt, token_logprobs
+from model_ar import generate, token_logprobs
 from model_vq import load_decoder, load_vq
 
 # -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
@@ -64,12 +64,12 @@ def init(c, d, reward, update=True):
     updates the policy), and the frozen decoder that turns rollouts into images for the reward."""
     dev, s = c.device, SimpleNamespace(reward=reward, update=update)
     s.prompts = read_prompts(c.train_prompts)
-    s.policy = load_gpt(os.path.join(d, "policy.safetensors"), c.gpt_model, **common.gpt_overrides(c)).to(dev)
+    s.policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(dev)
     decoder_file = "decoder.safetensors" if c.reward_decoder == "decoder" else "decoder_ema.safetensors"
     s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, decoder_file)).to(dev)
     s.vq.requires_grad_(False)
     if update:
-        s.ref = load_gpt(os.path.join(d, "policy_ref.safetensors"), c.gpt_model, **common.gpt_overrides(c)).to(dev)
+        s.ref = common.load_policy(c, os.path.join(d, "policy_ref.safetensors")).to(dev)
         s.ref.requires_grad_(False)
         s.opt = torch.optim.AdamW(s.policy.parameters(), lr=c.policy_lr, betas=c.policy_betas,
                                   weight_decay=c.policy_weight_decay)

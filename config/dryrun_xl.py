@@ -19,25 +19,5 @@ vq_ckpt = "out/xl_dryrun/vq.pt"
 t5_path = "out/xl_dryrun/t5"
 train_prompts = "out/xl_dryrun/prompts.txt"
 train_pairs = "out/xl_dryrun/pairs.jsonl"
-clip_model = "ViT-L-14"
 clip_weights = "out/xl_dryrun/clip_vit_l_14.pt"
-lpips_vgg = ""  # no LPIPS files here: L_rec is L1
-lpips_lin = ""
-
-# Stage 1 (GRPO): one prompt, 2 rollouts (x 2 rows for CFG); Stage 2: that group and one real image
-group_size = 2
-prompts_per_step = 1
-prompts_per_chunk = 1
-decoder_batch = 2
-real_batch = 1
-decoder_chunks = 1
-
-# the loop: one round, one step of each stage, no sample grids, no evaluation
-rounds = 1
-policy_steps = 1
-decoder_steps = 1
-save_every = 1
-sample_every = 0
-eval_every = 0
-dtype = "float32"
-device = "cpu"
+exec(open(os.path.join(os.path.dirname(__file__), "dryrun_sizes.py")).read())

@@ -8,13 +8,16 @@ pretrained here on 2 CPU cores in a few minutes, and saved in the formats the re
   features.pt    an independent network (TorchScript, the Inception of the world) trained to count
                  the objects in an image: its features give the FD analogue
   prompts_train.txt, prompts_heldout.txt, specs.json, pairs.jsonl, heldout_pairs.jsonl, images/
+  janus/         with --backbone=janus: a tiny Janus-Pro as a transformers folder (JanusForConditionalGeneration),
+                 its image-generation path trained like gpt.pt, its VQ the world's vq.pt, a word-level tokenizer
 
-    python data/shapes/prepare.py [--out=out/shapes] [--quick]
+    python data/shapes/prepare.py [--out=out/shapes] [--quick] [--backbone=janus]
 """
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -27,12 +30,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import world  # noqa: E402
 from model_ar import GPT, cached_t5_embed, gpt_config  # noqa: E402
-from model_vq import VQ_CONFIGS, VQModel  # noqa: E402
+from model_janus import export_janus, load_janus, prompt_ids  # noqa: E402
+from model_vq import VQ_CONFIGS, VQModel, load_vq  # noqa: E402
 
 CLIP_CONFIG = {"embed_dim": 64, "quick_gelu": False,
                "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "head_width": 32, "patch_size": 4},
                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
-STEPS = {"vq": 300, "gpt": 400, "clip": 150, "features": 200}
+STEPS = {"vq": 300, "gpt": 400, "clip": 150, "features": 200, "janus": 400}
+JANUS_PROMPT_LEN = 24  # BOS, the template's 4 tokens, up to 8 words, the image-start token
 RENDERS_PER_PROMPT = 6  # the GPT's training set: this many renders of each training prompt, encoded once
 
 
@@ -95,19 +100,20 @@ def tiny_t5(path):
     T5EncoderModel(cfg).save_pretrained(path)
 
 
-def train_gpt(vq, train, cache, t5_path, steps, rng, renders):
+def train_gpt(vq, train, cache, t5_path, steps, rng, renders, gpt=None, cond=None, mask=None):
     """Next-token prediction on the codes of `renders` renders of each training prompt (encoded
-    once), 10% of captions replaced by the null caption so that CFG works (as LlamaGen trains)."""
+    once), 10% of captions replaced by the null caption so that CFG works (as LlamaGen trains). A
+    given policy (Janus) is trained the same way on its own prompt encoding (cond, mask)."""
     torch.manual_seed(0)
-    gpt = GPT(gpt_config("GPT-micro"))
-    C = gpt.config.cls_token_num
-    cond, mask = cached_t5_embed([s["prompt"] for s in train], cache, t5_path, max_length=C)
+    if gpt is None:
+        gpt = GPT(gpt_config("GPT-micro"))
+        cond, mask = cached_t5_embed([s["prompt"] for s in train], cache, t5_path, max_length=gpt.config.cls_token_num)
     ids = torch.arange(len(train)).repeat(renders)
     with torch.no_grad():
         codes = torch.cat([vq.encode(images_of([train[i] for i in ids[k:k + 256]], rng)) for k in range(0, len(ids), 256)])
     opt = torch.optim.AdamW(gpt.parameters(), 3e-3, betas=(0.9, 0.95), weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
-    for step in bar(range(steps), "GPT policy"):
+    for step in bar(range(steps), f"policy ({type(gpt).__name__})"):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, 3e-3)
         b = torch.randint(len(ids), (64,), generator=g)
@@ -192,14 +198,77 @@ def save_pairs(specs, rng, out, name, copies):
     os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 
 
-def prepare(out="out/shapes", quick=False, seed=0, steps=None):
-    """Build the world in `out` unless it is there already (READY marks a complete preparation).
-    quick: 4 steps of each model (the CI smoke world); steps: per-model overrides of STEPS."""
+def janus_base(path, words, image_size=32, dim=96, n_layer=3, seed=0, std=None):
+    """A random transformers Janus-Pro of the world's sizes, saved as its converted checkpoint is: config,
+    weights, a word-level tokenizer with Janus's special tokens, and the generation config that names
+    them. The VQ has VQ-micro's shapes (4x down: image_size / 4 squared codes); the vision tower, which
+    image generation never runs, is the smallest that fits. std: weight matrices N(0, std), embeddings
+    N(0, 1), biases 0 instead of transformers' initialisation (the tests' random models, whose greedy
+    tokens must depend on the prompt and the position)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration, LlamaConfig, PreTrainedTokenizerFast
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+    special = ["<pad>", "<bos>", "<unk>", "<begin_of_image>", "<|User|>", "<|Assistant|>"]
+    vocab = {t: i for i, t in enumerate(special + [":"] + list(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", unk_token="<unk>",
+                            additional_special_tokens=special[3:]).save_pretrained(path)
+    vq = VQ_CONFIGS["VQ-micro"]
+    cfg = JanusConfig(
+        text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=256, num_hidden_layers=n_layer,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                pad_token_id=0, bos_token_id=1).to_dict(),
+        vision_config=JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+                                        patch_size=4, projection_dim=dim, mlp_ratio=2.0,
+                                        num_image_tokens=(image_size // 4) ** 2).to_dict(),
+        vq_config=JanusVQVAEConfig(embed_dim=vq.codebook_embed_dim, num_embeddings=vq.codebook_size,
+                                   base_channels=vq.ch, channel_multiplier=list(vq.ch_mult),
+                                   num_res_blocks=vq.num_res_blocks, latent_channels=vq.z_channels,
+                                   projection_dim=dim, num_hidden_layers=2, image_token_embed_dim=dim).to_dict(),
+        image_token_id=2)
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(cfg)
+    if std is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "norm" not in n:
+                    p.zero_() if n.endswith("bias") else p.normal_(0, 1.0 if "embed" in n else std)
+    model.save_pretrained(path)
+    GenerationConfig(bos_token_id=1, pad_token_id=0, generation_kwargs={"boi_token_id": 3}).save_pretrained(path)
+
+
+def prepare_janus(out, steps, seed, renders):
+    """out/janus: a tiny Janus-Pro whose image-generation path learns the world's codes as gpt.pt does,
+    with the world's VQ as its tokenizer, as a transformers folder."""
+    folder, base = os.path.join(out, "janus"), os.path.join(out, "janus_base.tmp")
+    train, _ = world.split(seed)
+    rng = random.Random(seed + 1)
+    janus_base(base, world.WORDS)
+    policy = load_janus(base, base, JANUS_PROMPT_LEN)
+    ids, mask = prompt_ids([s["prompt"] for s in train], base, JANUS_PROMPT_LEN)
+    vq = load_vq(os.path.join(out, "vq.pt"), "VQ-micro")
+    policy, loss = train_gpt(vq, train, None, None, steps, rng, renders, policy, ids, mask)
+    export_janus(policy, vq, base, folder + ".tmp")
+    shutil.rmtree(base)
+    os.replace(folder + ".tmp", folder)
+    return loss
+
+
+def prepare(out="out/shapes", quick=False, seed=0, steps=None, backbone="llamagen"):
+    """Build the world in `out` unless it is there already (READY marks a complete preparation), and
+    with backbone="janus" its Janus (janus/, added to a prepared world). quick: 4 steps of each model
+    (the CI smoke world); steps: per-model overrides of STEPS."""
+    steps = {**{k: (4 if quick else v) for k, v in STEPS.items()}, **(steps or {})}
     if os.path.isfile(os.path.join(out, "READY")):
         print(f"the shapes world is prepared already in {out}: reusing it")
+        if backbone == "janus" and not os.path.isdir(os.path.join(out, "janus")):
+            t0 = time.time()
+            loss = prepare_janus(out, steps["janus"], seed, 1 if quick else RENDERS_PER_PROMPT)
+            print(f"prepared its Janus in {out}/janus ({time.time() - t0:.0f} s): loss {loss:.3f}")
         return
     os.makedirs(out, exist_ok=True)
-    steps = {**{k: (4 if quick else v) for k, v in STEPS.items()}, **(steps or {})}
     times, t0 = {}, time.time()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train, held = world.split(seed)
@@ -237,8 +306,10 @@ def prepare(out="out/shapes", quick=False, seed=0, steps=None):
     with open(os.path.join(out, "READY"), "w") as f:
         json.dump(summary, f)
     print(f"prepared the shapes world in {out} ({time.time() - t0:.0f} s): {json.dumps(summary)}")
+    if backbone == "janus":
+        prepare(out, quick, seed, steps, backbone)
 
 
 if __name__ == "__main__":
     args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in sys.argv[1:])
-    prepare(args.get("out", "out/shapes"), bool(args.get("quick", False)))
+    prepare(args.get("out", "out/shapes"), bool(args.get("quick", False)), backbone=args.get("backbone", "llamagen"))

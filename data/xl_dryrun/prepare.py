@@ -20,7 +20,17 @@ say that the plumbing works (shapes, dtypes, memory, time), never how well anyth
   READY              written last (JSON: n_layer, parameter counts, file sizes, seconds); if it is there,
                      the folder is reused as it is
 
-    python data/xl_dryrun/prepare.py --out=out/xl_dryrun [--n_layer=36] [--seed=0]
+With --backbone=janus it writes Janus-Pro-1B's instead (config/dryrun_janus.py), and 384 px images:
+
+  janus/             a transformers folder of JanusForConditionalGeneration at Janus-Pro-1B's shapes
+                     (language model 2048 wide, 102,400 text tokens, VQ-16, generation head over 16,384
+                     codes; --n_layer=N of its 24 layers, the vision tower cut to one layer since image
+                     generation never runs it), every Linear / Embedding normal(0, 0.02), a word-level
+                     tokenizer padded to 102,400 entries with DeepSeek's BOS / pad / image-start ids, and
+                     the generation config that names them
+  clip_vit_l_14.pt, prompts.txt, pairs.jsonl as above
+
+    python data/xl_dryrun/prepare.py --out=out/xl_dryrun [--n_layer=36] [--seed=0] [--backbone=janus]
 
 At the real depth it writes 4.8 GB (gpt.pt 3.1 GB, clip_vit_l_14.pt 1.7 GB, vq.pt 0.3 GB) in about
 a minute on 2 CPU cores; one model is in memory at a time (peak RSS about 3.8 GB, with GPT-XL in fp32).
@@ -47,7 +57,7 @@ SCENES = [("circle", "red", "blue"), ("square", "green", "white"), ("triangle", 
           ("circle", "black", "yellow"), ("square", "red", "green")]
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 200), "yellow": (235, 210, 40),
            "white": (245, 245, 245), "black": (15, 15, 15)}
-SIZE = 256
+SIZE = 256  # 384 for Janus
 T5_WIDTH = 2048  # FLAN-T5-XL's d_model: the GPT's caption_dim
 CLIP_MODEL = "ViT-L-14"
 
@@ -68,7 +78,7 @@ def n_params(sd):
     return sum(v.numel() for v in sd.values())
 
 
-def write_data(out, rng):
+def write_data(out, rng, size=SIZE):
     """prompts.txt, and pairs.jsonl over images/NN.png: each scene's shape at a random place and size."""
     from PIL import Image, ImageDraw
     os.makedirs(os.path.join(out, "images"), exist_ok=True)
@@ -79,9 +89,9 @@ def write_data(out, rng):
     with open(os.path.join(out, "pairs.jsonl.tmp"), "w") as f:
         for i, (scene, text) in enumerate(zip(SCENES, prompts)):
             shape, colour, background = scene
-            img = Image.new("RGB", (SIZE, SIZE), COLOURS[background])
+            img = Image.new("RGB", (size, size), COLOURS[background])
             r = int(rng.integers(40, 90))
-            cx, cy = (int(v) for v in rng.integers(r, SIZE - r, 2))
+            cx, cy = (int(v) for v in rng.integers(r, size - r, 2))
             box = [cx - r, cy - r, cx + r, cy + r]
             draw = ImageDraw.Draw(img)
             if shape == "circle":
@@ -90,7 +100,7 @@ def write_data(out, rng):
                 draw.rectangle(box, fill=COLOURS[colour])
             else:
                 draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
-            noise = rng.normal(0, 6, (SIZE, SIZE, 3))  # a little texture, as photos have
+            noise = rng.normal(0, 6, (size, size, 3))  # a little texture, as photos have
             img = Image.fromarray(np.clip(np.asarray(img, np.float64) + noise, 0, 255).astype(np.uint8))
             path = f"images/{i:02d}.png"
             img.save(os.path.join(out, path))
@@ -159,7 +169,50 @@ def random_clip(path, seed):
     return save_and_free(model, path)
 
 
-def prepare(out="out/xl_dryrun", n_layer=36, seed=0):
+JANUS_IDS = {"bos": 100000, "pad": 100015, "boi": 100016}  # Janus-Pro-1B's generation_config.json
+
+
+def random_janus(path, prompts, n_layer, seed):
+    """transformers' JanusForConditionalGeneration at Janus-Pro-1B's shapes (n_layer of 24), random,
+    save_pretrained into `path` with a word-level tokenizer of DeepSeek's vocabulary size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import GenerationConfig, JanusConfig, JanusForConditionalGeneration, LlamaConfig, PreTrainedTokenizerFast
+    from transformers.models.janus.configuration_janus import JanusVisionConfig, JanusVQVAEConfig
+    split = pre_tokenizers.Whitespace()
+    words = sorted({w for p in prompts for w, _ in split.pre_tokenize_str(p)} | {":"})
+    named = {"<bos>": JANUS_IDS["bos"], "<pad>": JANUS_IDS["pad"], "<begin_of_image>": JANUS_IDS["boi"],
+             "<unk>": 100002, "<|User|>": 100003, "<|Assistant|>": 100004, **{w: i for i, w in enumerate(words)}}
+    vocab = {f"<unused_{i}>": i for i in range(102400)}
+    vocab = {**{t: i for t, i in vocab.items() if i not in named.values()}, **named}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = split
+    tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", JANUS_IDS["bos"])])
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<bos>", unk_token="<unk>",
+                            additional_special_tokens=["<begin_of_image>", "<|User|>", "<|Assistant|>"]).save_pretrained(tmp)
+    cfg = JanusConfig(text_config=LlamaConfig(vocab_size=102400, hidden_size=2048, intermediate_size=5632,
+                                              num_hidden_layers=n_layer, num_attention_heads=16, num_key_value_heads=16,
+                                              max_position_embeddings=16384, rms_norm_eps=1e-6, bos_token_id=100000,
+                                              eos_token_id=100001, pad_token_id=JANUS_IDS["pad"]).to_dict(),
+                      vision_config=JanusVisionConfig(num_hidden_layers=1).to_dict(), vq_config=JanusVQVAEConfig().to_dict())
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(cfg)
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+    model.save_pretrained(tmp)
+    GenerationConfig(bos_token_id=JANUS_IDS["bos"], pad_token_id=JANUS_IDS["pad"],
+                     generation_kwargs={"boi_token_id": JANUS_IDS["boi"]}).save_pretrained(tmp)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    gc.collect()
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return n
+
+
+def prepare(out="out/xl_dryrun", n_layer=36, seed=0, backbone="llamagen"):
     """Write the dry run's files into `out` unless READY says they are there already."""
     ready = os.path.join(out, "READY")
     if os.path.isfile(ready):
@@ -171,12 +224,15 @@ def prepare(out="out/xl_dryrun", n_layer=36, seed=0):
     os.makedirs(out, exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     times, params, t0 = {}, {}, time.time()
-    prompts = write_data(out, np.random.default_rng(seed))
+    prompts = write_data(out, np.random.default_rng(seed), 384 if backbone == "janus" else SIZE)
     times["data"] = time.time() - t0
-    steps = [("t5", lambda: small_t5(os.path.join(out, "t5"), prompts, seed + 1)),
-             ("vq", lambda: random_vq(os.path.join(out, "vq.pt"), seed + 2)),
-             ("clip", lambda: random_clip(os.path.join(out, "clip_vit_l_14.pt"), seed + 3)),
-             ("gpt", lambda: random_gpt(os.path.join(out, "gpt.pt"), n_layer, seed))]
+    steps = [("clip", lambda: random_clip(os.path.join(out, "clip_vit_l_14.pt"), seed + 3))]
+    if backbone == "janus":
+        steps.append(("janus", lambda: random_janus(os.path.join(out, "janus"), prompts, n_layer, seed)))
+    else:
+        steps += [("t5", lambda: small_t5(os.path.join(out, "t5"), prompts, seed + 1)),
+                  ("vq", lambda: random_vq(os.path.join(out, "vq.pt"), seed + 2)),
+                  ("gpt", lambda: random_gpt(os.path.join(out, "gpt.pt"), n_layer, seed))]
     for name, build in steps:
         t = time.time()
         print(f"writing {name} ...", flush=True)
@@ -189,7 +245,8 @@ def prepare(out="out/xl_dryrun", n_layer=36, seed=0):
             return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(p) for f in fs)
         return os.path.getsize(p)
 
-    files = ["gpt.pt", "vq.pt", "clip_vit_l_14.pt", "t5", "images", "prompts.txt", "pairs.jsonl"]
+    files = [f for f in ["gpt.pt", "vq.pt", "clip_vit_l_14.pt", "t5", "janus", "images", "prompts.txt", "pairs.jsonl"]
+             if os.path.exists(os.path.join(out, f))]
     summary = {"n_layer": n_layer, "seed": seed, "parameters": params,
                "mb": {f: round(size(f) / 2**20, 1) for f in files},
                "seconds": {k: round(v, 1) for k, v in times.items()}, "total_seconds": round(time.time() - t0, 1)}
@@ -201,7 +258,8 @@ def prepare(out="out/xl_dryrun", n_layer=36, seed=0):
 
 if __name__ == "__main__":
     args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in sys.argv[1:])
-    unknown = set(args) - {"out", "n_layer", "seed"}
+    unknown = set(args) - {"out", "n_layer", "seed", "backbone"}
     if unknown:
-        raise SystemExit(f"unknown option(s) {sorted(unknown)}: use --out=DIR [--n_layer=N] [--seed=S]")
-    prepare(args.get("out", "out/xl_dryrun"), int(args.get("n_layer", 36)), int(args.get("seed", 0)))
+        raise SystemExit(f"unknown option(s) {sorted(unknown)}: use --out=DIR [--n_layer=N] [--seed=S] [--backbone=janus]")
+    prepare(args.get("out", "out/xl_dryrun"), int(args.get("n_layer", 36)), int(args.get("seed", 0)),
+            args.get("backbone", "llamagen"))

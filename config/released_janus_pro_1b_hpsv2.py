@@ -1,0 +1,14 @@
+# The authors' released recipe on Janus-Pro-1B with the HPSv2 reward (HPDv2 prompts):
+# config/released_janus_pro_1b_clip.py but the reward and the KL coefficient
+# (scripts/training_janus/train_hps_both.sh). HPSv2 is scored without gradients, so L_BP is off (the
+# release keeps a lambda_bp > 0 on it, which does nothing).
+#   torchrun --nproc_per_node=8 ranke.py config/released_janus_pro_1b_hpsv2.py
+import os
+exec(open(os.path.join(os.path.dirname(__file__), "released_janus_pro_1b_clip.py")).read())
+out_dir = "out/released_janus_pro_1b_hpsv2"
+reward = "hpsv2"
+hps_weights = "pretrained_models/HPS_v2.1_compressed.pt"
+hps_scale = 100.0
+reward_resize = "crop"  # HPSv2's own preprocessing
+beta = 0.01  # script KL_COEF
+lambda_bp = 0.0
