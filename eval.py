@@ -50,7 +50,8 @@ eval_top_p = 1.0
 eval_caption_padding = ""  # "" = the run's; 'left' | 'right' (the authors' release's COCO sampling)
 eval_seed = 1234
 kl_smoothing = 0.5  # add-alpha smoothing of the code histograms
-grid_prompts = 16
+grid_prompts = 16  # each evaluated round's eval_grid.png: the first image of the first N prompts
+figure_prompts = 8  # the run's eval_before_after.png: the first N prompts, base and last round side by side
 
 
 # ---------------------------------------------------------------- metrics
@@ -195,14 +196,19 @@ def real_reference(c, rc, net, clip, vq):
     return ref
 
 
+def eval_folder(c, rc, d):
+    """Where round folder d keeps the images of these sampling settings (a folder per protocol)."""
+    sampling = [c.eval_prompts, c.eval_n_per_prompt, c.eval_batch_size, c.eval_cfg_scale, c.eval_temperature,
+                c.eval_top_k, c.eval_top_p, c.eval_caption_padding or rc.caption_padding, c.eval_seed]
+    return os.path.join(d, "eval_" + hashlib.sha1(repr(sampling).encode()).hexdigest()[:8])
+
+
 def evaluate_round(c, rc, d, rank=0, world=1):
-    """Metrics of round folder d on the eval prompts; images land in d/eval/."""
+    """Metrics of round folder d on the eval prompts; images land in d/eval_<settings>/."""
     from losses import Reward
     from model_vq import load_vq
     prompts = read_prompts(c.eval_prompts)
-    sampling = [c.eval_prompts, c.eval_n_per_prompt, c.eval_batch_size, c.eval_cfg_scale, c.eval_temperature,
-                c.eval_top_k, c.eval_top_p, c.eval_caption_padding or rc.caption_padding, c.eval_seed]
-    out = os.path.join(d, "eval_" + hashlib.sha1(repr(sampling).encode()).hexdigest()[:8])  # images of these settings
+    out = eval_folder(c, rc, d)
     generate_images(c, rc, d, prompts, out, rank, world)
     if world > 1:
         torch.distributed.barrier()
@@ -245,6 +251,7 @@ def evaluate_round(c, rc, d, rank=0, world=1):
     m["code_entropy"] = entropy_bits(code_histogram(codes, V))
     m["code_entropy_real"] = entropy_bits(code_histogram(gt, V))
     grid = torch.stack([load_image(p, rc.image_size) for p in paths[:c.grid_prompts * c.eval_n_per_prompt:c.eval_n_per_prompt]])
+    grid = F.interpolate(grid, scale_factor=max(1, 128 // rc.image_size), mode="nearest")  # tiles of >= 128 px
     save_grid(grid, os.path.join(d, "eval_grid.png"), nrow=8)
     atomic_write(os.path.join(d, "eval.json"), json.dumps(m, indent=1))
     return m
@@ -284,6 +291,52 @@ def curves(results, path, reward_by_round):
     plt.close(fig)
 
 
+def before_after(c, rc, run_dir, first, last, results, path):
+    """One figure a person reads at a glance: the first `figure_prompts` eval prompts written beside
+    two samples of each from round `first` and round `last`, pixels enlarged as they are (nearest), the
+    rounds' headline metrics above them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    prompts = read_prompts(c.eval_prompts)[:c.figure_prompts]
+    k = min(2, c.eval_n_per_prompt)
+    folders = {r: eval_folder(c, rc, round_dir(run_dir, r)) for r in (first, last)}
+    fig, axes = plt.subplots(len(prompts), 1 + 2 * k, figsize=(3.2 + 2 * k * 1.6, 1.6 * len(prompts)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2] + [1] * 2 * k})
+    for i, prompt in enumerate(prompts):
+        axes[i, 0].text(1.0, 0.5, prompt, ha="right", va="center", wrap=True, fontsize=9)
+        for j, r in enumerate((first, last)):
+            for s in range(k):
+                ax = axes[i, 1 + j * k + s]
+                ax.imshow(Image.open(os.path.join(folders[r], f"{i * c.eval_n_per_prompt + s:06d}.png")),
+                          interpolation="nearest")
+                if i == 0 and s == 0:
+                    m = results[r]
+                    shown = [f"{key} {m[key]:.1f}" for key in ("CLIP", "FID", "FD", "FD_CLIP") if key in m]
+                    ax.set_title(f"round {r}{' (base)' if r == 0 else ''}\n" + ", ".join(shown), fontsize=9, loc="left")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def report(c, configs, results, rewards, where):
+    """The runs' table and curves in `where`, and each run's before / after figure in its own folder
+    (when its first and last evaluated rounds still hold their images). configs, results, rewards: by run."""
+    text = table(results)
+    atomic_write(os.path.join(where, "eval_table.md"), text + "\n")
+    curves(results, os.path.join(where, "eval_curves.png"),
+           {k: {r: v for r, v in d.items() if v is not None} for k, d in rewards.items()})
+    for name, r in results.items():
+        first, last = min(r), max(r)
+        if last > first and all(os.path.isdir(eval_folder(c, configs[name], round_dir(name, x))) for x in (first, last)):
+            before_after(c, configs[name], name, first, last, r, os.path.join(name, "eval_before_after.png"))
+    return text
+
+
 def run_config(run_dir, c):
     meta = common.read_meta(round_dir(run_dir, 0))["config"]
     rc = SimpleNamespace(**{**defaults(common), **meta})  # a run from before a key existed has its default
@@ -298,11 +351,11 @@ def main(argv=None):
     c = SimpleNamespace(**cfg)
     rank, world, c.device = init_dist(c.device)
     common.check_dtype(c.device, c.dtype)
-    results, rewards = {}, {}
+    results, rewards, configs = {}, {}, {}
     for run_dir in [c.run] + ([c.compare] if c.compare else []):
         if not os.path.isdir(round_dir(run_dir, 0)):
             raise SystemExit(f"{run_dir} holds no round_0000: not a RankE run folder")
-        rc = run_config(run_dir, c)
+        rc = configs[run_dir] = run_config(run_dir, c)
         avail = sorted(int(x[6:]) for x in os.listdir(run_dir) if x.startswith("round_") and x[6:].isdigit())
         logged, rewards[run_dir] = {}, {}  # ranke.py's log: each round's reward, and its in-loop evaluations
         if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
@@ -325,11 +378,8 @@ def main(argv=None):
             if r in rewards[run_dir] and results[run_dir][r] is not None:
                 results[run_dir][r]["reward"] = rewards[run_dir][r]
     if rank == 0:
-        text = table(results)
-        print(text)
         where = c.run if not c.compare else os.path.dirname(os.path.abspath(c.run))
-        atomic_write(os.path.join(where, "eval_table.md"), text + "\n")
-        curves(results, os.path.join(where, "eval_curves.png"), {k: {r: v for r, v in d.items() if v is not None} for k, d in rewards.items()})
+        print(report(c, configs, results, rewards, where))
     return results
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import atomic_save, load_exact, read_pretrained
+from checkpoint import atomic_save, load_exact, read_pretrained, read_state_dict
 from model_ar import KVCache, RMSNorm, attention_mask
 
 FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
@@ -244,7 +244,6 @@ def load_janus(path, folder, cls_token_num=128, n_layer=0):
         sd = {k: v for k, v in sd.items() if not k.startswith("language_model.layers.")
               or int(k.split(".")[2]) < cfg.n_layer}
     else:
-        from checkpoint import read_state_dict
         sd = read_state_dict(path)
     return load_exact(JanusPolicy(cfg), sd, f"the Janus policy of {folder} ({path})").eval()
 

@@ -86,6 +86,8 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("loop: decoder hand-over skipped", "ranke.py", "train_policy.set_decoder(policy, decoder_file)", "pass"),
     ("rng: chunk ignored in seeds", "common.py", "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints).encode())",
      "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints[:3]).encode())"),
+    ("sft: captions never dropped", "train_sft.py", "uncond = torch.rand(c.sft_batch, generator=g) < c.sft_uncond",
+     "uncond = torch.rand(c.sft_batch, generator=g) < 0"),
     # evaluation
     ("frechet: only right for commuting covariances", "eval.py", "tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1)",
      "tr_sqrt = torch.linalg.eigvalsh(s1).clamp(min=0).sqrt() * torch.linalg.eigvalsh(s2)"),

@@ -25,6 +25,7 @@ import common
 import eval as evaluation
 import train_decoder
 import train_policy
+import train_sft
 from common import (autocast, caption_features, carry_over, check_dtype, commit_round, init_dist, last_round,
                     read_meta, read_prompts, round_dir, save_grid, save_model)
 from configurator import defaults
@@ -35,7 +36,8 @@ from model_vq import load_vq, save_decoder
 
 # -- config: the loop's own keys. Each stage's keys stand at the top of train_policy.py,
 #    train_decoder.py and common.py, and are set the same way (a config file, --key=value). --
-mode = "ranke"  # 'ranke' | 'policy_only' (the paper's Std. RL) | 'decoder_only'
+mode = "ranke"  # 'ranke' | 'policy_only' (the paper's Std. RL) | 'decoder_only' | 'sft' (train_sft.py, decoder untouched)
+init_policy = ""  # a round folder whose policy starts the run (e.g. an SFT run's last round); "" = gpt_ckpt
 rounds = 10
 save_every = 1  # rounds between saves of the full state (models, optimizers, EMA, pi_ref); the last round,
 #                 and every round that is sampled or evaluated, are saved too. A run resumes from the last save.
@@ -45,20 +47,21 @@ resume = True  # continue from the last saved round in out_dir
 keep_last = 2  # saved rounds kept on disk (a GPT-XL round with optimizer states is ~13 GB) ...
 keep_every = 10  # ... besides round 0 and every keep_every-th, for evaluation
 eval_every = 5  # eval.py's metrics on round 0, every eval_every rounds and the last; 0 = off
-LOOP_KEYS = ("mode", "rounds", "save_every", "sample_every", "sample_prompts", "resume", "keep_last", "keep_every",
+LOOP_KEYS = ("mode", "init_policy", "rounds", "save_every", "sample_every", "sample_prompts", "resume", "keep_last", "keep_every",
              "eval_every")
 
 ROUND_FILES = ["policy.safetensors", "policy_ref.safetensors", "opt_policy.safetensors", "decoder.safetensors",
                "decoder_ema.safetensors", "disc.safetensors", "opt_decoder.safetensors", "opt_disc.safetensors"]
 # what a resumed run must share with the run in out_dir (the world size is free: it changes no result)
-COMPATIBLE = ("backbone", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size", "seed", "mode", "policy_steps", "decoder_steps",
+COMPATIBLE = ("backbone", "init_policy", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size", "seed", "mode", "policy_steps", "decoder_steps",
               "prompts_per_step", "prompts_per_chunk", "decoder_chunks", "decoder_batch", "real_batch")
 
 
 def config(argv=None, **forced):
     eval_keys = {k: v for k, v in defaults(evaluation).items()
-                 if k.startswith("eval_") or k in ("feature_net", "feature_size", "kl_smoothing", "grid_prompts")}
-    return common.make_config({**defaults(common), **defaults(train_policy), **defaults(train_decoder), **eval_keys,
+                 if k.startswith("eval_") or k in ("feature_net", "feature_size", "kl_smoothing", "grid_prompts", "figure_prompts")}
+    return common.make_config({**defaults(common), **defaults(train_policy), **defaults(train_decoder),
+                               **defaults(train_sft), **eval_keys,
                                **{k: globals()[k] for k in LOOP_KEYS}}, argv, **forced)
 
 
@@ -75,7 +78,7 @@ def validate(c, rank, world):
     def need(ok, msg):
         if not ok:
             raise SystemExit(msg if rank == 0 else 1)
-    for switches in ({"mode": ("ranke", "policy_only", "decoder_only")}, common.SWITCHES, train_policy.SWITCHES,
+    for switches in ({"mode": ("ranke", "policy_only", "decoder_only", "sft")}, common.SWITCHES, train_policy.SWITCHES,
                      train_decoder.SWITCHES):
         msg = common.bad_switch(c, switches)
         need(not msg, msg)
@@ -104,6 +107,11 @@ def validate(c, rank, world):
         step = c.group_size // math.gcd(c.group_size, c.decoder_batch)
         need(False, f"a decoder step's {c.decoder_chunks} chunks (decoder_chunks) cannot be dealt evenly to {world} "
                     f"ranks: set decoder_chunks={split_hint(c.decoder_chunks, world, step)}")
+    need(c.sft_chunks % world == 0 or c.mode != "sft",
+         f"an SFT step's {c.sft_chunks} chunks (sft_chunks) cannot be dealt evenly to {world} ranks: "
+         f"set sft_chunks={split_hint(c.sft_chunks, world)}")
+    need(not c.init_policy or os.path.isfile(os.path.join(c.init_policy, "policy.safetensors")),
+         f"init_policy must be a round folder holding policy.safetensors (an SFT run's round_NNNN), not {c.init_policy!r}")
     for key in ("gpt_ckpt", "vq_ckpt", "train_prompts", "train_pairs"):  # a Janus checkpoint is a folder
         path = getattr(c, key)
         need(os.path.isfile(path) or (c.backbone == "janus" and key.endswith("ckpt") and os.path.isdir(path)),
@@ -141,7 +149,7 @@ def validate(c, rank, world):
 def base_round(c):
     """round_0000: the base policy (also the first pi_ref) and decoder (also the first EMA decoder)."""
     tmp = common.begin_round(c.out_dir, 0)
-    policy = common.load_policy(c, c.gpt_ckpt)
+    policy = common.load_policy(c, os.path.join(c.init_policy, "policy.safetensors") if c.init_policy else c.gpt_ckpt)
     save_model(policy, os.path.join(tmp, "policy.safetensors"))
     os.link(os.path.join(tmp, "policy.safetensors"), os.path.join(tmp, "policy_ref.safetensors"))
     vq = load_vq(c.vq_ckpt, c.vq_model)
@@ -163,7 +171,7 @@ def sample_grid(c, policy, vq, path):
 
 
 def log_line(rnd, m):
-    keys = ["reward", "kl", *sorted(k for k in m if k.startswith("clip_frac_epoch")), "ratio_dev_epoch1", "entropy",
+    keys = ["L_sft", "reward", "kl", *sorted(k for k in m if k.startswith("clip_frac_epoch")), "ratio_dev_epoch1", "entropy",
             "zero_adv_groups", "L_rec", "L_cons", "L_BP", "L_RankGAN", "L_GAN_rec", "L_disc", "disc_acc"]
     parts = [f"{k} {m[k]:.4g}" for k in keys if k in m]
     times = [f"{s} {m[s + '_time_s']:.1f}s {m[s + '_peak_gb']:.2f}GB" for s in ("policy", "decoder") if s + "_time_s" in m]
@@ -202,7 +210,7 @@ def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
     last = round_dir(c.out_dir, last_round(c.out_dir))
     tmp = common.begin_round(c.out_dir, rnd)
     if policy.update:
-        train_policy.save(policy, tmp)
+        (train_sft if c.mode == "sft" else train_policy).save(policy, tmp)
     if decoder is not None:
         train_decoder.save(decoder, tmp)
     carry_over(os.path.dirname(rollouts_file), tmp, ["rollouts.safetensors"])  # replaced, never rewritten: a link is safe
@@ -239,16 +247,20 @@ def main(argv=None, **forced):
     start = max(start, 0)
     c.run_id = read_meta(round_dir(c.out_dir, start))["run_id"]
     if rank == 0 and c.backbone == "llamagen":  # T5 runs once for every prompt of the run; the stages read the cache
-        fill_t5_cache(read_prompts(c.train_prompts), c.t5_cache, c.t5_path, c.device, max_length=c.cls_token_num)
+        texts = read_prompts(c.train_prompts) + ([t for _, t in common.read_pairs(c.train_pairs)] if c.mode == "sft" else [])
+        fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, max_length=c.cls_token_num)
     barrier(world)
     # each stage's models and optimizer states stay in memory from here to the end; the reward is shared
     d = round_dir(c.out_dir, start)
-    reward = run_reward(c)
-    policy = train_policy.init(c, d, reward, update=c.mode != "decoder_only")
-    decoder = train_decoder.init(c, d, reward, rank) if c.mode != "policy_only" else None
+    if c.mode == "sft":
+        policy, decoder = train_sft.init(c, d), None
+    else:
+        reward = run_reward(c)
+        policy = train_policy.init(c, d, reward, update=c.mode != "decoder_only")
+        decoder = train_decoder.init(c, d, reward, rank) if c.mode != "policy_only" else None
     if rank == 0 and c.sample_every and start == 0 and not os.path.exists(os.path.join(d, "samples.png")):
         sample_grid(c, policy.policy, policy.vq, os.path.join(d, "samples.png"))
-    evals = {}
+    evals, rewards = {}, {}
     if c.eval_every and start == 0:
         evals[0] = evaluate(c, 0, rank, world)
     handover = os.path.join(c.out_dir, "handover")  # this round's rollouts and decoder, for the other stage
@@ -256,10 +268,13 @@ def main(argv=None, **forced):
     os.makedirs(handover, exist_ok=True)
     for rnd in range(start + 1, c.rounds + 1):
         t0 = time.time()
-        rollouts, m = train_policy.run(policy, c, rnd, rank, world)
-        if rank == 0:
-            train_policy.save_rollouts(rollouts, c, rnd, rollouts_file)
-        barrier(world)
+        if c.mode == "sft":
+            m = train_sft.run(policy, c, rnd, rank, world)
+        else:
+            rollouts, m = train_policy.run(policy, c, rnd, rank, world)
+            if rank == 0:
+                train_policy.save_rollouts(rollouts, c, rnd, rollouts_file)
+            barrier(world)
         if decoder is not None:
             m.update(train_decoder.run(decoder, c, rnd, rollouts_file, rank, world))
             if rank == 0:
@@ -271,14 +286,17 @@ def main(argv=None, **forced):
             if rnd % c.save_every == 0 or rnd == c.rounds or evaluated or (c.sample_every and rnd % c.sample_every == 0):
                 save_round(c, rnd, policy, decoder, rollouts_file, m)
             m["round_time_s"] = time.time() - t0
+            rewards[rnd] = m.get("reward")
             common.log_metrics(c.out_dir, {"round": rnd, "time": time.time(), **m})
             print(log_line(rnd, m), flush=True)
         barrier(world)
         if evaluated:
             evals[rnd] = evaluate(c, rnd, rank, world)
-    if rank == 0 and len(evals) > 1:
+    if rank == 0 and len(evals) > 1:  # eval_table.md, eval_curves.png and eval_before_after.png in out_dir
         first, last = min(evals), max(evals)
-        print(f"\nbefore (round {first}) and after (round {last}) on the evaluation prompts:")
+        evaluation.report(c, {c.out_dir: c}, {c.out_dir: evals}, {c.out_dir: rewards}, c.out_dir)
+        print(f"\nbefore (round {first}) and after (round {last}) on the evaluation prompts "
+              f"({os.path.join(c.out_dir, 'eval_before_after.png')}):")
         print(evaluation.table({c.out_dir: {first: evals[first], last: evals[last]}}))
     if world > 1:
         dist.destroy_process_group()

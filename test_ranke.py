@@ -1159,6 +1159,52 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
         assert not (tmp_path / "new").exists()
 
 
+def test_sft_fits_the_real_codes_and_starts_a_ranke_run(world, tmp_path):
+    """--mode=sft: next-token cross-entropy on the real images' ground-truth codes (here measured
+    independently of train_sft, on every pair) falls; dropped captions are the null caption (with all
+    dropped, the captions cannot matter; with none, they do); the standalone stage gives the loop's round;
+    a RankE run started from the SFT run's last round has its policy as the base."""
+    c = ranke.config([world])
+    pairs = common.read_pairs(c.train_pairs)
+    vq = model_vq.load_vq(c.vq_ckpt, c.vq_model)
+    real = torch.stack([common.load_image(p, c.image_size) for p, _ in pairs])
+    with torch.no_grad():
+        codes = vq.encode(real)
+
+    def nll(d):
+        policy = common.load_policy(c, os.path.join(d, "policy.safetensors"))
+        cond, mask = caption_features([t for _, t in pairs], c, policy.config.cls_token_num)
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(policy(codes, cond, mask).flatten(0, 1), codes.flatten()).item()
+
+    def run(name, *extra):
+        out = str(tmp_path / name)
+        ranke.main([world, f"--out_dir={out}", "--mode=sft", "--sample_every=0", "--sft_lr=3e-3", *extra])
+        return out
+    sft = run("sft", "--sft_steps=4")
+    c.t5_cache = os.path.join(sft, "t5_cache.safetensors")  # the run's caption features
+    assert nll(os.path.join(sft, "round_0002")) < nll(os.path.join(sft, "round_0000")) - 0.05
+    assert same(weights(sft, "round_0002/decoder.safetensors"), weights(sft, "round_0000/decoder.safetensors"))
+    shuffled = tmp_path / "shuffled.jsonl"  # the same images under one another's captions
+    lines = open(c.train_pairs).read().splitlines()
+    caps = [json.loads(x)["caption"] for x in lines][::-1]
+    shuffled.write_text("".join(json.dumps({**json.loads(x), "image": os.path.join(os.path.dirname(c.train_pairs),
+                                json.loads(x)["image"]), "caption": cap}) + "\n" for x, cap in zip(lines, caps)))
+    for drop, equal in (("1.0", True), ("0.0", False)):
+        a, b = (run(f"drop{drop}{k}", "--rounds=1", f"--sft_uncond={drop}", *extra)
+                for k, extra in (("a", []), ("b", [f"--train_pairs={shuffled}"])))
+        assert same(weights(a, "round_0001/policy.safetensors"), weights(b, "round_0001/policy.safetensors")) == equal
+    p = run_script(world, f"--init_from={sft}/round_0001", f"--out_dir={tmp_path / 'alone'}", "--sft_steps=4",
+                   script="train_sft.py")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert same(weights(tmp_path / "alone", "policy.safetensors"), weights(sft, "round_0002/policy.safetensors"))
+    rl = str(tmp_path / "rl")
+    ranke.main([world, f"--out_dir={rl}", "--rounds=1", "--sample_every=0", f"--init_policy={sft}/round_0002"])
+    assert same(weights(rl, "round_0000/policy.safetensors"), weights(sft, "round_0002/policy.safetensors"))
+    with pytest.raises(SystemExit, match="init_policy must be a round folder"):
+        ranke.main([world, f"--out_dir={tmp_path / 'bad'}", f"--init_policy={tmp_path}"])
+
+
 def test_draws_are_seeded_by_every_coordinate():
     draw = lambda *key: torch.rand(4, generator=rng(*key))
     assert torch.equal(draw(0, 1, 2, 3), draw(0, 1, 2, 3))
@@ -1331,11 +1377,15 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
     m = json.load(open(os.path.join(out, "round_0002", "eval.json")))
     assert 0 <= m["GenEval"] <= 1 and m["code_entropy"] <= 8 and m["code_KL"] >= 0 and math.isfinite(m["FD"])
     assert os.path.isfile(os.path.join(out, "round_0002", "eval_grid.png"))
+    assert Image.open(os.path.join(out, "round_0002", "eval_grid.png")).size == (8 * 128, 2 * 128)  # 32 px tiles x 4
+    # the loop's own report: the table, the curves and the before / after figure land in the run's folder
+    assert all(os.path.isfile(os.path.join(out, f)) for f in ("eval_table.md", "eval_curves.png", "eval_before_after.png"))
+    os.remove(os.path.join(out, "eval_before_after.png"))
     results = evaluation.main([f"--run={out}", "--eval_rounds=0,2", "--eval_n_per_prompt=1",
                                f"--eval_prompts={shapes}/prompts_heldout.txt", f"--eval_pairs={shapes}/heldout_pairs.jsonl",
                                f"--eval_specs={shapes}/specs.json", f"--feature_net={shapes}/features.pt"])
     assert results[out][2]["FD"] == m["FD"]  # eval.py reuses the images ranke.py generated
-    assert os.path.isfile(os.path.join(out, "eval_table.md")) and os.path.isfile(os.path.join(out, "eval_curves.png"))
+    assert all(os.path.isfile(os.path.join(out, f)) for f in ("eval_table.md", "eval_curves.png", "eval_before_after.png"))
     # a round that retention removed is read back from the run's metrics.jsonl
     shutil.rmtree(os.path.join(out, "round_0002"))
     results = evaluation.main([f"--run={out}", "--eval_rounds=2", f"--feature_net={shapes}/features.pt"])

@@ -1,0 +1,104 @@
+"""Supervised fine-tuning of the policy: the SFT rows of Tables 2 and 4, and the start the paper implies
+for RankE (the authors' release has no SFT code). Next-token cross-entropy on the ground-truth codes of
+the real training images (`train_pairs`, encoded by the frozen tokenizer), with `sft_uncond` of the
+captions replaced by the null caption, as LlamaGen trains, so that CFG keeps working. The decoder does
+not change.
+
+ranke.py --mode=sft runs it round after round with the round files, resume and DDP of the other modes;
+a RankE run then starts from the SFT run's last round (--init_policy=out/sft/round_0010). Alone, from a
+round folder, as the next round:
+
+    python train_sft.py --init_from=out/sft/round_0003 --out_dir=out/sft_stage [--sft_steps=N]
+"""
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import common
+from common import (all_reduce_grads, autocast, caption_features, check_finite, grad_scaler, load_image,
+                    load_optimizer, mean_stats, peak_memory_gb, read_pairs, reset_peak_memory, rng, save_model,
+                    save_optimizer)
+from model_vq import load_decoder, load_vq
+
+# -- config: defaults for the shapes world --
+sft_steps = 3  # SFT steps per round
+sft_lr = 1e-4
+sft_batch = 8  # image-caption pairs per forward pass
+sft_chunks = 8  # forward passes per step, dealt to ranks (the world must divide it): 64 pairs a step
+sft_uncond = 0.1  # captions dropped to the null caption (LlamaGen trains with 0.1)
+sft_grad_clip = 1.0
+init_from = ""  # standalone: the round folder to start from
+SWITCHES = {}
+
+
+def init(c, d):
+    """The SFT stage's state from round folder d: the policy and its AdamW state, the tokenizer that
+    encodes the real images (the base encoder with the round's decoder, for the sample grids), the pairs."""
+    s = SimpleNamespace(pairs=read_pairs(c.train_pairs), codes={}, update=True)  # codes: by pair, encoded once
+    s.policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(c.device)
+    s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
+    s.vq.requires_grad_(False)
+    s.opt = torch.optim.AdamW(s.policy.parameters(), lr=c.sft_lr, betas=c.policy_betas,
+                              weight_decay=c.policy_weight_decay)
+    load_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
+    s.scaler = grad_scaler(c)
+    return s
+
+
+def run(s, c, rnd, rank=0, world=1):
+    """`sft_steps` steps of round `rnd`: each chunk draws its pairs and caption drops from (seed, round,
+    step, chunk), so any world size computes the same step."""
+    t0, dev = time.time(), c.device
+    reset_peak_memory(dev)
+    amp, C, stats = autocast(c), s.policy.config.cls_token_num, []
+    chunks = range(rank, c.sft_chunks, world)
+    bar = range(c.sft_steps)
+    if rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(bar, desc=f"round {rnd} SFT", leave=False)
+    for step in bar:
+        for k in chunks:
+            g = rng(c.seed, rnd, step, k, "sft")
+            idx = torch.randint(len(s.pairs), (c.sft_batch,), generator=g).tolist()
+            uncond = torch.rand(c.sft_batch, generator=g) < c.sft_uncond
+            new = sorted(set(i for i in idx if i not in s.codes))
+            if new:  # the frozen encoder's codes of each real image, once
+                with torch.no_grad():
+                    real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in new]).to(dev)
+                    s.codes.update(zip(new, s.vq.encode(real)))
+            codes = torch.stack([s.codes[i] for i in idx])
+            cond, mask = (t.to(dev) for t in caption_features([s.pairs[i][1] for i in idx], c, C))
+            with amp:
+                logits = s.policy(codes, cond, mask, uncond=uncond.to(dev))
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), codes.flatten())
+            check_finite(loss, "SFT loss", step)
+            s.scaler.scale(loss / len(chunks)).backward()
+            stats.append({"L_sft": loss.item()})
+        all_reduce_grads(s.policy.parameters(), world)
+        s.scaler.unscale_(s.opt)
+        torch.nn.utils.clip_grad_norm_(s.policy.parameters(), c.sft_grad_clip)
+        s.scaler.step(s.opt)
+        s.scaler.update()
+        s.opt.zero_grad(set_to_none=True)
+    metrics = mean_stats(stats, world, dev)
+    metrics.update(policy_time_s=time.time() - t0, policy_peak_gb=peak_memory_gb(dev))
+    return metrics
+
+
+def save(s, d):
+    """The stage's state into folder d (rank 0): the policy, which is also the reference a RankE run from
+    it starts with, and its AdamW state."""
+    save_model(s.policy, os.path.join(d, "policy.safetensors"))
+    os.link(os.path.join(d, "policy.safetensors"), os.path.join(d, "policy_ref.safetensors"))
+    save_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
+
+
+if __name__ == "__main__":
+    c = common.standalone_config(sys.modules[__name__])
+    s = init(c, c.init_from)
+    m = run(s, c, c.round)
+    common.standalone_finish(c, m, lambda folder: save(s, folder))
