@@ -260,6 +260,10 @@ def read_prompts(path):
         if path.endswith(".jsonl"):
             rows = [json.loads(line) for line in f if line.strip()]
             prompts = [r.get("prompt", r.get("caption")) for r in rows]
+        elif path.endswith(".json"):  # a list of prompts (the HPSv2 benchmark's style files)
+            prompts = json.load(f)
+            if not isinstance(prompts, list):
+                raise ValueError(f"{path}: a .json prompt file holds a list of prompts")
         elif path.endswith((".csv", ".tsv")):
             rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
             col = next((k for k in ("Prompt", "prompt", "caption") if rows and k in rows[0]), None)

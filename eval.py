@@ -19,6 +19,7 @@ import os
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -32,15 +33,26 @@ run = "out/ranke"
 compare = ""  # a second run, side by side in one table and plot
 eval_rounds = ""  # "0,5,10"; "" = every round folder of the run
 eval_prompts = "out/shapes/prompts_heldout.txt"  # COCO-30K: data/coco_captions_30k.csv
-eval_pairs = "out/shapes/heldout_pairs.jsonl"  # real images ({"image", "caption"}) for FID and the codes
-eval_specs = "out/shapes/specs.json"  # prompt -> what a correct image holds: micro GenEval; "" = none
+eval_pairs = "out/shapes/heldout_pairs.jsonl"  # real images for FID and the codes: {"image", "caption"} lines,
+#                                             or a folder of images (COCO val2014); "" = none (GenEval alone)
+eval_specs = "out/shapes/specs.json"  # prompt -> what a correct image holds: micro GenEval; GenEval's
+#                                      evaluation_metadata.jsonl with geneval_detector: the real one; "" = none
+geneval_detector = ""  # a local transformers Mask2Former folder (facebook/mask2former-swin-small-coco-instance)
+geneval_clip_model = "ViT-L-14"  # GenEval's colour classifier: OpenAI CLIP ViT-L/14 (quick GELU) ...
+geneval_clip_weights = ""  # ... its weights for open_clip
+geneval_clip_quick_gelu = True
+geneval_images = ""  # score a folder in GenEval's own layout (NNNNN/metadata.jsonl, NNNNN/samples/NNNN.png) and stop
 feature_net = "out/shapes/features.pt"  # TorchScript; COCO: clean-fid's inception-2015-12-05.pt
 feature_size = 32  # 299 for Inception
+fid_crop = 0  # > 0: both sets centre-cropped to the short side and resized to it with PIL's LANCZOS before
+#               the FID network's own resize (LlamaGen's and the release's COCO evaluation: 256)
 eval_clip_model = ""  # "" = the run's reward CLIP; COCO protocol: ViT-B-32 with OpenAI weights
 eval_clip_weights = ""
 eval_clip_quick_gelu = True
 eval_clip_prefix = ""  # LlamaGen's COCO protocol: "A photo depicts "
-eval_hps_weights = ""  # HPS_v2.1_compressed.pt: adds HPSv2
+eval_hps_weights = ""  # HPS_v2.1_compressed.pt: adds HPSv2 on the eval prompts
+eval_hps_benchmark = ""  # a folder of the HPSv2 benchmark's style files (anime.json, concept-art.json, paintings.json,
+#                          photo.json: lists of prompts): with eval_hps_weights, HPSv2 per style and averaged
 eval_n_per_prompt = 4
 eval_batch_size = 64
 eval_cfg_scale = 4.0  # LlamaGen's COCO protocol: 7.5, top-k 1000, top-p 1.0, temperature 1.0
@@ -88,16 +100,202 @@ def code_kl(hist_p, hist_q, alpha=0.5):
     return (p * (p / q).log2()).sum().item()
 
 
-def image_features(net, images, size, batch=64):
-    """Features of the FID network; images B x 3 x H x W in [-1, 1] -> [0, 255] at size x size."""
+def clean_resize(image, size):
+    """clean-fid's "clean" resize (its package, for exactness): from the uint8 image, PIL bicubic on each
+    channel in float32, no quantisation after -> size x size x 3 float32 in [0, 255]."""
+    from cleanfid.resize import make_resizer
+    return make_resizer("PIL", False, "bicubic", (size, size))(np.asarray(image.convert("RGB")))
+
+
+def fid_input(path, c):
+    """An image file as the FID network sees it: (centre crop + LANCZOS to fid_crop,) then the clean resize
+    to feature_size, 3 x size x size in [0, 255]."""
+    from PIL import Image
+    try:
+        img = Image.open(path).convert("RGB")
+    except Exception as e:
+        raise ValueError(f"cannot open image {path}: {e}") from None
+    if c.fid_crop:
+        s = min(img.size)
+        left, top = (img.width - s) // 2, (img.height - s) // 2
+        img = img.crop((left, top, left + s, top + s)).resize((c.fid_crop, c.fid_crop), Image.LANCZOS)
+    return torch.from_numpy(clean_resize(img, c.feature_size)).permute(2, 0, 1)
+
+
+def image_features(net, paths, c, batch=64):
+    """Features of the FID network for image files, batch by batch."""
     out = []
-    for i in range(0, len(images), batch):
-        x = (images[i:i + batch].float() + 1) * 127.5
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 255)
+    for i in range(0, len(paths), batch):
+        x = torch.stack([fid_input(p, c) for p in paths[i:i + batch]]).to(next(net.parameters()).device)
         with torch.no_grad():
-            out.append(net(x, return_features=True).float())
+            out.append(net(x, return_features=True).float().cpu())
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------- GenEval: a port of its official scorer
+# djghosh13/geneval's evaluation/evaluate_images.py with transformers' Mask2Former in place of mmdet's (the
+# same architecture, Swin-S, COCO instances; other weights, so numbers come close to the official ones
+# without being them) and open_clip's ViT-L/14 for the colours, as there.
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+GENEVAL_RELATIONS = ("left of", "right of", "above", "below")
+GENEVAL_NAMES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "geneval", "object_names.txt")
+
+
+def read_geneval_specs(path):
+    """GenEval's metadata, a spec a line (tag, prompt, `include` and `exclude` clauses), each checked:
+    a line that does not parse is one error naming it."""
+    names = set(open(GENEVAL_NAMES).read().split("\n"))
+    specs = []
+    for i, line in enumerate(open(path), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            bad = r.get("tag") not in GENEVAL_TAGS or not isinstance(r.get("prompt"), str) or not r.get("include")
+            for k, req in enumerate(r.get("include", [])):
+                rel, j = req.get("position", ("above", -1))
+                bad |= (req.get("class") not in names or int(req.get("count", 0)) < 1
+                        or req.get("color", "red") not in GENEVAL_COLORS
+                        or ("position" in req and (rel not in GENEVAL_RELATIONS or not 0 <= j < k)))
+            for req in r.get("exclude", []):
+                bad |= req.get("class") not in names or int(req.get("count", 0)) < 1
+        except (ValueError, TypeError, AttributeError):
+            bad = True
+        if bad:
+            raise ValueError(f"{path}:{i}: not a GenEval spec (a tag of {GENEVAL_TAGS}, a prompt, 'include' "
+                             f"clauses of a COCO class, a count, an optional colour or position): {line.strip()[:100]}")
+        specs.append(r)
+    return specs
+
+
+def relative_position(box_a, box_b, margin=0.1):
+    """GenEval's relations of box A to box B (x1, y1, x2, y2): the centres' offset, shrunk on each axis by
+    `margin` x the sum of the two boxes' sizes; a relation holds when its axis carries over half of it."""
+    boxes = torch.tensor([box_a[:4], box_b[:4]], dtype=torch.float64).view(2, 2, 2)
+    (ca, cb), (da, db) = boxes.mean(1), (boxes[:, 1] - boxes[:, 0]).abs()
+    offset = ca - cb
+    revised = (offset.abs() - margin * (da + db)).clamp(min=0) * offset.sign()
+    if (revised.abs() < 1e-3).all():
+        return set()
+    dx, dy = (revised / offset.norm()).tolist()
+    return {rel for rel, on in (("left of", dx < -0.5), ("right of", dx > 0.5), ("above", dy < -0.5),
+                                ("below", dy > 0.5)) if on}
+
+
+def geneval_correct(objects, spec, colours):
+    """GenEval's verdict on one image: `objects` maps a class name to its detections (box, mask), most
+    confident first; every `include` clause must hold (count, then the colour of that many, then the
+    position of each against every object of the clause it names), and no `exclude` clause. colours(
+    classname, detections) -> their colour names."""
+    matched = []
+    for req in spec["include"]:
+        found = objects.get(req["class"], [])[:req["count"]]
+        ok = len(found) >= req["count"]
+        if ok and "color" in req:
+            ok = colours(req["class"], found).count(req["color"]) >= req["count"]
+        if ok and "position" in req:
+            rel, target = req["position"]
+            ok = matched[target] is not None and all(rel in relative_position(a[0], b[0])
+                                                     for a in found for b in matched[target])
+        matched.append(found if ok else None)
+    return all(m is not None for m in matched) and not any(
+        len(objects.get(req["class"], [])) >= req["count"] for req in spec.get("exclude", []))
+
+
+def mask_box(mask):
+    """The box (x1, y1, x2 + 1, y2 + 1) of a binary mask, as mmdet's mask2bbox; zeros when it is empty."""
+    ys, xs = mask.nonzero(as_tuple=True)
+    return [0.0] * 4 if len(xs) == 0 else [xs.min().item(), ys.min().item(), xs.max().item() + 1.0, ys.max().item() + 1.0]
+
+
+class GenEval:
+    """The scorer's models: Mask2Former (instances: a query's score is its class probability x the mean
+    mask probability inside its binary mask; per class at most 16 above 0.3, or 0.9 for counting) and
+    CLIP ViT-L/14 (colour of each masked crop on GenEval's grey, zero-shot over 10 colours x 3 templates)."""
+
+    def __init__(self, detector, clip_weights, device="cpu", clip_model="ViT-L-14", quick_gelu=True):
+        import open_clip
+        from transformers import AutoImageProcessor, Mask2FormerForUniversalSegmentation
+        if not os.path.isdir(detector):
+            raise FileNotFoundError(f"GenEval detector folder not found: {detector} (a local copy of "
+                                    f"facebook/mask2former-swin-small-coco-instance)")
+        self.processor = AutoImageProcessor.from_pretrained(detector, local_files_only=True)
+        self.model = Mask2FormerForUniversalSegmentation.from_pretrained(detector, local_files_only=True).to(device).eval()
+        self.names = [line.strip() for line in open(GENEVAL_NAMES)]
+        if self.model.config.num_labels != len(self.names):
+            raise ValueError(f"{detector} detects {self.model.config.num_labels} classes, not GenEval's 80 COCO classes")
+        if clip_model.endswith(".json"):
+            open_clip.add_model_config(clip_model)
+            clip_model = os.path.basename(clip_model)[:-len(".json")]
+        self.clip, _, self.transform = open_clip.create_model_and_transforms(
+            clip_model, pretrained=clip_weights, force_quick_gelu=quick_gelu, device=device)
+        self.clip.eval()
+        self.tokenizer, self.device, self.classifiers = open_clip.get_tokenizer(clip_model), device, {}
+
+    @torch.no_grad()
+    def objects(self, image, threshold, max_objects=16):
+        x = self.processor(images=image, return_tensors="pt")["pixel_values"].to(self.device)
+        out = self.model(pixel_values=x)
+        probs = out.class_queries_logits[0].softmax(-1)[:, :-1]  # the last class is "no object"
+        Q, C = probs.shape
+        scores, flat = probs.flatten().topk(Q)  # mmdet keeps as many (query, class) pairs as there are queries
+        logits = F.interpolate(out.masks_queries_logits[0, flat // C][None], size=x.shape[-2:], mode="bilinear")
+        logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear")[0]
+        masks = logits > 0
+        scores = scores * (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
+        found = {}
+        for i in scores.argsort(descending=True).tolist():
+            name = self.names[flat[i] % C]
+            if scores[i] > threshold and len(found.setdefault(name, [])) < max_objects:
+                found[name].append((mask_box(masks[i]) + [scores[i].item()], masks[i].cpu()))
+        return {k: v for k, v in found.items() if v}
+
+    @torch.no_grad()
+    def colours(self, image, found, classname):
+        from PIL import Image
+        if classname not in self.classifiers:  # clip_benchmark's zero-shot classifier
+            templates = (f"a photo of a {{c}} {classname}", f"a photo of a {{c}}-colored {classname}", "a photo of a {c} object")
+            w = [F.normalize(F.normalize(self.clip.encode_text(self.tokenizer([t.format(c=col) for t in templates]).to(
+                self.device)).float(), dim=-1).mean(0), dim=0) for col in GENEVAL_COLORS]
+            self.classifiers[classname] = torch.stack(w)
+        grey = Image.new("RGB", image.size, "#999")
+        crops = [Image.composite(image, grey, Image.fromarray(mask.numpy())).crop(box[:4]) for box, mask in found]
+        f = F.normalize(self.clip.encode_image(torch.stack([self.transform(x) for x in crops]).to(self.device)).float(), dim=-1)
+        return [GENEVAL_COLORS[i] for i in (f @ self.classifiers[classname].t()).argmax(1).tolist()]
+
+    def __call__(self, path, spec):
+        from PIL import Image
+        image = Image.open(path).convert("RGB")
+        objects = self.objects(image, 0.9 if spec["tag"] == "counting" else 0.3)
+        return geneval_correct(objects, spec, lambda name, found: self.colours(image, found, name))
+
+
+def geneval_scores(correct, tags):
+    """Per-tag fractions of correct images, and GenEval = their mean over the tags present."""
+    m = {f"GenEval_{t}": sum(ok for ok, x in zip(correct, tags) if x == t) / tags.count(t) for t in GENEVAL_TAGS if t in tags}
+    return {"GenEval": sum(m.values()) / len(m), **m}
+
+
+def geneval_folder(c):
+    """Score a folder in GenEval's own layout: one NNNNN/ per prompt of eval_specs with its metadata.jsonl
+    and samples/NNNN.png, eval_n_per_prompt of them; anything missing or extra is one error, before any
+    scoring. Writes geneval.json into the folder."""
+    specs, root, n = read_geneval_specs(c.eval_specs), c.geneval_images, c.eval_n_per_prompt
+    want = {f"{i:05d}": [f"{k:04d}.png" for k in range(n)] for i in range(len(specs))}
+    have = {d: sorted(f for f in os.listdir(os.path.join(root, d, "samples")) if f.endswith(".png"))
+            for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "samples"))}
+    wrong = [f"{d}: {have.get(d, [])} for {files}" for d, files in want.items() if have.get(d) != files]
+    wrong += [f"{d}: not a prompt of {c.eval_specs}" for d in have if d not in want]
+    if wrong:
+        raise SystemExit(f"{root} is not a GenEval folder of {len(specs)} prompts x {n} images: "
+                         + "; ".join(wrong[:5]) + (f" ... ({len(wrong)} in all)" if len(wrong) > 5 else ""))
+    scorer = GenEval(c.geneval_detector, c.geneval_clip_weights, c.device, c.geneval_clip_model, c.geneval_clip_quick_gelu)
+    jobs = [(os.path.join(root, d, "samples", f), specs[int(d)]) for d in sorted(want) for f in want[d]]
+    m = geneval_scores([scorer(path, spec) for path, spec in jobs], [spec["tag"] for _, spec in jobs])
+    atomic_write(os.path.join(root, "geneval.json"), json.dumps(m, indent=1))
+    return m
 
 
 # ---------------------------------------------------------------- generation
@@ -159,10 +357,10 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
     counts, start = [], 0
     for x in image_batches(paths, rc.image_size):
         x, t = x.to(rc.device), texts[start:start + len(x)] if texts is not None else None
+        if net is not None:  # from the files, as the FID protocol reads them
+            out["feats"].append(image_features(net, paths[start:start + len(x)], c))
         start += len(x)
         with torch.no_grad():
-            if net is not None:
-                out["feats"].append(image_features(net, x, c.feature_size).cpu())
             if vq is not None:
                 out["codes"].append(vq.encode(x).cpu())
             f = clip.image_features(x)
@@ -180,14 +378,21 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
 def real_reference(c, rc, net, clip, vq):
     """Real images of the eval prompts, read once and cached next to the pairs file: FID
     statistics (and FD_CLIP's), and their ground-truth codes from the frozen tokenizer."""
-    pairs = read_pairs(c.eval_pairs)
-    key = hashlib.sha1(json.dumps([pairs, c.feature_net, c.feature_size, rc.vq_ckpt,
+    if os.path.isdir(c.eval_pairs):  # every image of a folder (COCO val2014), by name
+        paths = sorted(os.path.join(c.eval_pairs, f) for f in os.listdir(c.eval_pairs)
+                       if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+        if not paths:
+            raise ValueError(f"{c.eval_pairs} holds no .png / .jpg / .webp images")
+        where = os.path.abspath(c.eval_pairs)
+    else:
+        paths, where = [p for p, _ in read_pairs(c.eval_pairs)], os.path.dirname(os.path.abspath(c.eval_pairs))
+    key = hashlib.sha1(json.dumps([paths, c.feature_net, c.feature_size, c.fid_crop, rc.vq_ckpt, rc.image_size,
                                  c.eval_clip_model or rc.clip_model, c.eval_clip_weights or rc.clip_weights]).encode()).hexdigest()[:12]
-    cache = os.path.join(os.path.dirname(os.path.abspath(c.eval_pairs)), f"real_stats_{key}.safetensors")
+    cache = os.path.join(where, f"real_stats_{key}.safetensors")
     if os.path.isfile(cache):
         from safetensors.torch import load_file
         return load_file(cache)
-    s = image_stats(c, rc, [p for p, _ in pairs], None, net, clip, vq=vq)
+    s = image_stats(c, rc, paths, None, net, clip, vq=vq)
     ref = {"codes": s["codes"]}
     ref["clip_mu"], ref["clip_sigma"] = gaussian(s["clip_feats"])
     if net is not None:
@@ -203,6 +408,38 @@ def eval_folder(c, rc, d):
     return os.path.join(d, "eval_" + hashlib.sha1(repr(sampling).encode()).hexdigest()[:8])
 
 
+HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
+
+
+def hps_styles(c):
+    """The HPSv2 benchmark's styles whose prompt file is in eval_hps_benchmark, each with the eval config
+    that samples it (its own image folder)."""
+    styles = [s for s in HPS_STYLES if os.path.isfile(os.path.join(c.eval_hps_benchmark, s + ".json"))]
+    if not styles:
+        raise FileNotFoundError(f"{c.eval_hps_benchmark} holds none of {', '.join(s + '.json' for s in HPS_STYLES)}")
+    return [(s, SimpleNamespace(**{**vars(c), "eval_prompts": os.path.join(c.eval_hps_benchmark, s + ".json")}))
+            for s in styles]
+
+
+def hps_benchmark(c, rc, d, hps):
+    """The HPSv2 benchmark on round folder d, its images sampled as the eval prompts are: HPSv2_<style>,
+    their mean over the styles, and the mean over every image pooled (the authors' release's "Avg.",
+    which counts every style present)."""
+    m, pooled = {}, []
+    for style, cs in hps_styles(c):
+        prompts = read_prompts(cs.eval_prompts)
+        _, ids, paths = read_generated(eval_folder(cs, rc, d))
+        texts, scores = [prompts[i] for i in ids], []
+        for k, x in enumerate(image_batches(paths, rc.image_size)):
+            with torch.no_grad():
+                scores.append(hps(x.to(rc.device), texts[k * 64:k * 64 + len(x)]).cpu())
+        scores = torch.cat(scores)
+        m[f"HPSv2_{style}"], pooled = scores.mean().item(), pooled + [scores]
+    m["HPSv2_styles_mean"] = sum(m.values()) / len(m)
+    m["HPSv2_pooled"] = torch.cat(pooled).mean().item()
+    return m
+
+
 def evaluate_round(c, rc, d, rank=0, world=1):
     """Metrics of round folder d on the eval prompts; images land in d/eval_<settings>/."""
     from losses import Reward
@@ -210,6 +447,8 @@ def evaluate_round(c, rc, d, rank=0, world=1):
     prompts = read_prompts(c.eval_prompts)
     out = eval_folder(c, rc, d)
     generate_images(c, rc, d, prompts, out, rank, world)
+    for _, cs in hps_styles(c) if c.eval_hps_benchmark and c.eval_hps_weights else []:
+        generate_images(cs, rc, d, read_prompts(cs.eval_prompts), eval_folder(cs, rc, d), rank, world)
     if world > 1:
         torch.distributed.barrier()
     if rank:
@@ -219,23 +458,32 @@ def evaluate_round(c, rc, d, rank=0, world=1):
     clip = Reward("clip", c.eval_clip_model or rc.clip_model, c.eval_clip_weights or rc.clip_weights, rc.device,
                   False, c.eval_clip_quick_gelu if c.eval_clip_model else rc.clip_quick_gelu, c.eval_clip_prefix)
     hps = Reward("hpsv2", "ViT-H-14", c.eval_hps_weights, rc.device, False) if c.eval_hps_weights else None
-    specs = None
-    if c.eval_specs:
+    specs = geneval = None
+    if c.eval_specs and c.geneval_detector:
+        specs = read_geneval_specs(c.eval_specs)
+        geneval = GenEval(c.geneval_detector, c.geneval_clip_weights, rc.device, c.geneval_clip_model, c.geneval_clip_quick_gelu)
+    elif c.eval_specs:
         with open(c.eval_specs) as f:
             specs = json.load(f)
     codes, ids, paths = read_generated(out)
     texts = [prompts[i] for i in ids]
-    ref = real_reference(c, rc, net, clip, base_vq)
-    s = image_stats(c, rc, paths, texts, net, clip, specs, hps=hps)
+    ref = real_reference(c, rc, net, clip, base_vq) if c.eval_pairs else None  # GenEval alone needs no real images
+    s = image_stats(c, rc, paths, texts, net, clip, None if geneval else specs, hps=hps)
     m = {"CLIP": 100 * s["scores"].mean().item()}
-    if net is not None:
+    if ref is None:
+        pass
+    elif net is not None:
         m["FID" if "inception" in os.path.basename(c.feature_net) else "FD"] = frechet(*gaussian(s["feats"]), ref["mu"], ref["sigma"])
     else:
         print(f"no FID network at {c.feature_net!r}: reporting FD_CLIP, the Frechet distance of CLIP image features")
         m["FD_CLIP"] = frechet(*gaussian(s["clip_feats"]), ref["clip_mu"], ref["clip_sigma"])
     if hps is not None:
         m["HPSv2"] = s["hps"].mean().item()
-    if specs is not None:
+    if hps is not None and c.eval_hps_benchmark:
+        m.update(hps_benchmark(c, rc, d, hps))
+    if geneval is not None:
+        m.update(geneval_scores([geneval(p, specs[i]) for p, i in zip(paths, ids.tolist())], [specs[i]["tag"] for i in ids.tolist()]))
+    elif specs is not None:
         from data.shapes.world import correct
         ok = torch.tensor([correct(specs[t], n) for t, n in zip(texts, s["counts"])]).float()
         kinds = [specs[t]["kind"] for t in texts]
@@ -244,12 +492,13 @@ def evaluate_round(c, rc, d, rank=0, world=1):
             sel = [i for i, x in enumerate(kinds) if x == k]
             if sel:
                 m[name] = ok[sel].mean().item()
-    V, gt = base_vq.config.codebook_size, ref["codes"]
-    half = len(gt) // 2
-    m["code_KL"] = code_kl(code_histogram(codes, V), code_histogram(gt, V), c.kl_smoothing)
-    m["code_KL_real_floor"] = code_kl(code_histogram(gt[:half], V), code_histogram(gt[half:], V), c.kl_smoothing)
+    V = base_vq.config.codebook_size
     m["code_entropy"] = entropy_bits(code_histogram(codes, V))
-    m["code_entropy_real"] = entropy_bits(code_histogram(gt, V))
+    if ref is not None:
+        gt, half = ref["codes"], len(ref["codes"]) // 2
+        m["code_KL"] = code_kl(code_histogram(codes, V), code_histogram(gt, V), c.kl_smoothing)
+        m["code_KL_real_floor"] = code_kl(code_histogram(gt[:half], V), code_histogram(gt[half:], V), c.kl_smoothing)
+        m["code_entropy_real"] = entropy_bits(code_histogram(gt, V))
     grid = torch.stack([load_image(p, rc.image_size) for p in paths[:c.grid_prompts * c.eval_n_per_prompt:c.eval_n_per_prompt]])
     grid = F.interpolate(grid, scale_factor=max(1, 128 // rc.image_size), mode="nearest")  # tiles of >= 128 px
     save_grid(grid, os.path.join(d, "eval_grid.png"), nrow=8)
@@ -351,6 +600,10 @@ def main(argv=None):
     c = SimpleNamespace(**cfg)
     rank, world, c.device = init_dist(c.device)
     common.check_dtype(c.device, c.dtype)
+    if c.geneval_images:  # images made elsewhere, in GenEval's layout
+        m = geneval_folder(c)
+        print(" | ".join(f"{k} {v:.4f}" for k, v in m.items()))
+        return m
     results, rewards, configs = {}, {}, {}
     for run_dir in [c.run] + ([c.compare] if c.compare else []):
         if not os.path.isdir(round_dir(run_dir, 0)):

@@ -91,6 +91,16 @@ MUTANTS = [  # (name, file, original text, mutated text)
     # evaluation
     ("frechet: only right for commuting covariances", "eval.py", "tr_sqrt = torch.linalg.eigvalsh(r1 @ s2 @ r1)",
      "tr_sqrt = torch.linalg.eigvalsh(s1).clamp(min=0).sqrt() * torch.linalg.eigvalsh(s2)"),
+    ("geneval: no position margin", "eval.py", "def relative_position(box_a, box_b, margin=0.1):", "def relative_position(box_a, box_b, margin=0.0):"),
+    ("geneval: exclusions ignored", "eval.py", "len(objects.get(req[\"class\"], [])) >= req[\"count\"] for req in spec.get(\"exclude\", [])",
+     "False for req in spec.get(\"exclude\", [])"),
+    ("geneval: one colour is enough", "eval.py", ".count(req[\"color\"]) >= req[\"count\"]", ".count(req[\"color\"]) >= 1"),
+    ("geneval: mask score dropped", "eval.py", "scores = scores * (logits.sigmoid() * masks)", "scores = scores + 0 * (logits.sigmoid() * masks)"),
+    ("geneval: mean over images, not tags", "eval.py", "return {\"GenEval\": sum(m.values()) / len(m), **m}",
+     "return {\"GenEval\": sum(correct) / len(correct), **m}"),
+    ("fid: quantised resize", "eval.py", 'make_resizer("PIL", False, "bicubic", (size, size))', 'make_resizer("PIL", True, "bicubic", (size, size))'),
+    ("hps: pooled is the styles' mean", "eval.py", 'm["HPSv2_pooled"] = torch.cat(pooled).mean().item()',
+     'm["HPSv2_pooled"] = m["HPSv2_styles_mean"]'),
     ("code KL: reversed", "eval.py", "return (p * (p / q).log2()).sum().item()", "return (q * (q / p).log2()).sum().item()"),
     ("entropy: nats", "eval.py", "return -(p[p > 0] * p[p > 0].log2()).sum().item()", "return -(p[p > 0] * p[p > 0].log()).sum().item()"),
 ]

@@ -59,7 +59,8 @@ COMPATIBLE = ("backbone", "init_policy", "gpt_model", "gpt_layers", "vq_model", 
 
 def config(argv=None, **forced):
     eval_keys = {k: v for k, v in defaults(evaluation).items()
-                 if k.startswith("eval_") or k in ("feature_net", "feature_size", "kl_smoothing", "grid_prompts", "figure_prompts")}
+                 if k.startswith(("eval_", "geneval_")) or k in ("feature_net", "feature_size", "fid_crop", "kl_smoothing",
+                                                               "grid_prompts", "figure_prompts")}
     return common.make_config({**defaults(common), **defaults(train_policy), **defaults(train_decoder),
                                **defaults(train_sft), **eval_keys,
                                **{k: globals()[k] for k in LOOP_KEYS}}, argv, **forced)

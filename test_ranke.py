@@ -1315,6 +1315,23 @@ def test_coco_protocol_on_a_stand_in_set(world, tmp_path):
             f"--eval_clip_weights={root}/clip.pt", "--eval_clip_quick_gelu=False", "--eval_batch_size=4"]
     m = evaluation.main(args + [f"--feature_net={tmp_path}/inception-2015-12-05.pt"])[out][0]
     assert math.isfinite(m["FID"]) and "FD" not in m and "GenEval" not in m
+    # the reference may be a whole folder of images: the same images give the same FID
+    os.makedirs(tmp_path / "val2014")
+    for i in range(6):
+        shutil.copy(tmp_path / f"{i}.png", tmp_path / "val2014" / f"{i}.png")
+    folder = evaluation.main(args + [f"--feature_net={tmp_path}/inception-2015-12-05.pt", f"--eval_pairs={tmp_path}/val2014"])
+    assert abs(folder[out][0]["FID"] - m["FID"]) < 1e-6
+    caches = lambda: sorted(f for f in os.listdir(tmp_path / "val2014") if f.startswith("real_stats"))
+    before = caches()
+    (tmp_path / "val2014" / "9.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot open image .*9.png"):
+        evaluation.main(args + [f"--feature_net={tmp_path}/inception-2015-12-05.pt", f"--eval_pairs={tmp_path}/val2014"])
+    assert caches() == before  # nothing cached from a reference that could not be read
+    # the CLIP score reads each caption after LlamaGen's prefix
+    from losses import Reward
+    clip = Reward("clip", f"{root}/tiny-clip.json", f"{root}/clip.pt", prefix="A photo depicts ")
+    ref = clip.model.encode_text(clip.tokenizer(["A photo depicts " + captions[1]]))
+    assert torch.allclose(clip.text_features([captions[1]]), torch.nn.functional.normalize(ref.float(), dim=-1), atol=1e-6)
     r0 = os.path.join(out, "round_0000")
     folders = lambda: sorted(x for x in os.listdir(r0) if x.startswith("eval_") and os.path.isdir(os.path.join(r0, x)))
     assert -100 <= m["CLIP"] <= 100 and m["code_KL"] >= 0 and len(folders()) == 1
@@ -1324,6 +1341,166 @@ def test_coco_protocol_on_a_stand_in_set(world, tmp_path):
     # the release's sampling (CFG 6, right padding) draws its own images beside the paper protocol's
     evaluation.main([os.path.join(here, "config", "eval_coco_released.py")] + args[1:])
     assert len(folders()) == 2
+
+
+def test_clean_fid_resize_and_the_lanczos_crop_against_pil(tmp_path):
+    """clean-fid's "clean" resize is PIL's bicubic on each channel as a float32 image (no quantisation),
+    computed here with PIL directly; fid_crop is a centre crop to the short side, then LANCZOS."""
+    rgb = torch.randint(0, 256, (9, 13, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy()
+    img = Image.fromarray(rgb)
+    want = np.stack([np.asarray(Image.fromarray(rgb[..., k].astype(np.float32), mode="F").resize((7, 7), Image.BICUBIC))
+                     for k in range(3)], -1).clip(0, 255)
+    assert np.array_equal(evaluation.clean_resize(img, 7), want)
+    assert not np.array_equal(np.asarray(img.resize((7, 7), Image.BICUBIC), dtype=np.float32), want)  # the quantised one differs
+    img.save(tmp_path / "x.png")
+    c = SimpleNamespace(fid_crop=6, feature_size=7)
+    crop = Image.fromarray(rgb[:, 2:11]).resize((6, 6), Image.LANCZOS)  # 13 wide: columns 2..10 are the centre 9
+    assert torch.equal(evaluation.fid_input(str(tmp_path / "x.png"), c), torch.from_numpy(evaluation.clean_resize(crop, 7)).permute(2, 0, 1))
+    (tmp_path / "bad.png").write_bytes(b"no image")
+    with pytest.raises(ValueError, match="cannot open image .*bad.png"):
+        evaluation.fid_input(str(tmp_path / "bad.png"), c)
+
+
+def test_hpsv2_benchmark_per_style_and_averaged_both_ways(world, tmp_path):
+    """Each style file's prompts are sampled into their own folder and scored (here by a stand-in for
+    HPSv2 that scores a prompt's length, so every mean is known by hand): per style, the mean of the
+    styles, and the pooled mean over every image (the release's "Avg."), which differ when the styles differ in size."""
+    from configurator import defaults
+    out = str(tmp_path / "run")
+    ranke.main([world, f"--out_dir={out}", "--rounds=0", "--sample_every=0"])
+    bench = tmp_path / "hps"
+    os.makedirs(bench)
+    styles = {"anime": ["a red circle", "two blue squares above a red circle", "a square"], "photo": ["a blue circle"]}
+    for style, prompts in styles.items():
+        (bench / f"{style}.json").write_text(json.dumps(prompts))
+    cfg = {**defaults(common), **defaults(evaluation)}
+    configure(cfg, [f"--run={out}", f"--eval_hps_benchmark={bench}", "--eval_n_per_prompt=2", "--eval_hps_weights=x"])
+    c = SimpleNamespace(**cfg)
+    rc, d = evaluation.run_config(out, c), os.path.join(out, "round_0000")
+    for _, cs in evaluation.hps_styles(c):
+        evaluation.generate_images(cs, rc, d, read_prompts(cs.eval_prompts), evaluation.eval_folder(cs, rc, d))
+    m = evaluation.hps_benchmark(c, rc, d, lambda images, texts: torch.tensor([float(len(t)) for t in texts]))
+    lens = {k: [len(p) for p in v] for k, v in styles.items()}
+    assert m["HPSv2_anime"] == pytest.approx(sum(lens["anime"]) / 3) and m["HPSv2_photo"] == len(styles["photo"][0])
+    assert m["HPSv2_styles_mean"] == pytest.approx((sum(lens["anime"]) / 3 + lens["photo"][0]) / 2)
+    assert m["HPSv2_pooled"] == pytest.approx(2 * (sum(lens["anime"]) + lens["photo"][0]) / 8)
+    configure(cfg, [f"--eval_hps_benchmark={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="holds none of anime.json"):
+        evaluation.hps_styles(SimpleNamespace(**cfg))
+
+
+def test_geneval_rules_on_hand_made_detections():
+    """Every rule of GenEval's verdict on detections made by hand (boxes x1 y1 x2 y2 score): counts (of
+    the most confident), exclusion, colour (of that many), position against each target, and the score as
+    the mean over tags; a relation by hand: centres 30 px apart, boxes 10 wide, margin 0.1 x 20 = 2 px,
+    so dx = -(30 - 2) / 30 = -0.93: "left of"."""
+    box = lambda x, y, w=10: ([x, y, x + w, y + w, 0.9], None)
+    assert evaluation.relative_position([0, 0, 10, 10], [30, 0, 40, 10]) == {"left of"}
+    assert evaluation.relative_position([0, 30, 10, 40], [0, 0, 10, 10]) == {"below"}
+    assert evaluation.relative_position([30, 30, 40, 40], [0, 0, 10, 10]) == {"right of", "below"}
+    assert evaluation.relative_position([0, 0, 10, 10], [1, 1, 11, 11]) == set()  # within the margin: no relation
+    colours = lambda table: (lambda name, found: [table[name][i] for i in range(len(found))])
+    spec = lambda tag, *include, exclude=(): {"tag": tag, "prompt": "", "include": list(include), "exclude": list(exclude)}
+    two_clocks = spec("counting", {"class": "clock", "count": 2}, exclude=[{"class": "clock", "count": 3}])
+    cases = [
+        (spec("single_object", {"class": "cow", "count": 1}), {"cow": [box(0, 0)]}, {}, True),
+        (spec("single_object", {"class": "cow", "count": 1}), {"dog": [box(0, 0)]}, {}, False),
+        (two_clocks, {"clock": [box(0, 0), box(20, 0)]}, {}, True),
+        (two_clocks, {"clock": [box(0, 0)]}, {}, False),
+        (two_clocks, {"clock": [box(0, 0), box(20, 0), box(40, 0)]}, {}, False),  # three: excluded
+        (spec("colors", {"class": "car", "count": 1, "color": "red"}), {"car": [box(0, 0)]}, {"car": ["red"]}, True),
+        (spec("colors", {"class": "car", "count": 1, "color": "red"}), {"car": [box(0, 0)]}, {"car": ["blue"]}, False),
+        (spec("colors", {"class": "car", "count": 2, "color": "red"}), {"car": [box(0, 0), box(20, 0)]}, {"car": ["red", "blue"]}, False),
+        (spec("colors", {"class": "car", "count": 2, "color": "red"}), {"car": [box(0, 0), box(20, 0)]}, {"car": ["red", "red"]}, True),
+        (spec("color_attr", {"class": "cup", "count": 1, "color": "purple"}, {"class": "apple", "count": 1, "color": "black"}),
+         {"cup": [box(0, 0)], "apple": [box(30, 0)]}, {"cup": ["purple"], "apple": ["black"]}, True),
+        (spec("color_attr", {"class": "cup", "count": 1, "color": "purple"}, {"class": "apple", "count": 1, "color": "black"}),
+         {"cup": [box(0, 0)], "apple": [box(30, 0)]}, {"cup": ["purple"], "apple": ["red"]}, False),
+        (spec("position", {"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}),
+         {"teddy bear": [box(0, 0)], "dog": [box(30, 0)]}, {}, True),
+        (spec("position", {"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}),
+         {"teddy bear": [box(30, 0)], "dog": [box(0, 0)]}, {}, False),
+        (spec("position", {"class": "teddy bear", "count": 1}, {"class": "dog", "count": 1, "position": ["right of", 0]}),
+         {"dog": [box(30, 0)]}, {}, False),  # no target to be right of
+        (spec("two_object", {"class": "bus", "count": 1}, {"class": "bird", "count": 1}), {"bus": [box(0, 0)], "bird": [box(9, 9)]}, {}, True),
+    ]
+    for s_, objects, table, want in cases:
+        assert evaluation.geneval_correct(objects, s_, colours(table)) == want, (s_, objects)
+    m = evaluation.geneval_scores([True, False, True, True], ["counting", "counting", "position", "colors"])
+    assert m == {"GenEval": (0.5 + 1 + 1) / 3, "GenEval_counting": 0.5, "GenEval_colors": 1.0, "GenEval_position": 1.0}
+
+
+def tiny_mask2former(path, size=384):
+    """A random transformers Mask2Former over GenEval's 80 COCO classes (Swin backbone, 12 queries)."""
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
+    names = open(evaluation.GENEVAL_NAMES).read().split("\n")[:80]
+    swin = SwinConfig(image_size=size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
+                      out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = Mask2FormerConfig(backbone_config=swin, num_labels=80, id2label=dict(enumerate(names)), hidden_dim=32,
+                            mask_feature_size=32, feature_size=32, encoder_layers=1, decoder_layers=2, num_queries=12,
+                            encoder_feedforward_dim=32, dim_feedforward=32, num_attention_heads=2)
+    torch.manual_seed(0)
+    Mask2FormerForUniversalSegmentation(cfg).save_pretrained(path)
+    Mask2FormerImageProcessor(size={"shortest_edge": size, "longest_edge": 4 * size}, size_divisor=32).save_pretrained(path)
+
+
+def test_geneval_scorer_with_a_tiny_mask2former(world, tmp_path):
+    """The detector's instances are transformers' own (the (query, class) scores that its
+    post_process_instance_segmentation keeps, at the image's size); colours come from the 10 of GenEval;
+    the real benchmark runs through eval.py on a run's images (no real images needed), and a folder in
+    GenEval's layout is scored alone, refused whole if an image is missing or extra or a spec is broken."""
+    tiny_mask2former(str(tmp_path / "m2f"))
+    root = os.path.dirname(world)
+    scorer = evaluation.GenEval(str(tmp_path / "m2f"), f"{root}/clip.pt", clip_model=f"{root}/tiny-clip.json", quick_gelu=False)
+    # at 384 px, where transformers' post-processing takes its masks (it scales them to 384 x 384 first)
+    img = Image.fromarray(torch.randint(0, 256, (384, 384, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy())
+    found = scorer.objects(img, threshold=0.0)
+    with torch.no_grad():
+        out = scorer.model(**scorer.processor(images=img, return_tensors="pt"))
+    ref = scorer.processor.post_process_instance_segmentation(out, threshold=0.0, target_sizes=[(384, 384)])[0]["segments_info"]
+    ours = sorted((scorer.names.index(k), b[4]) for k, v in found.items() for b, _ in v)
+    theirs = sorted((x["label_id"], x["score"]) for x in ref)  # (it may drop overlapping instances; here none)
+    assert len(ours) == 12 and [a for a, _ in ours] == [a for a, _ in theirs]
+    assert torch.allclose(torch.tensor([b for _, b in ours]), torch.tensor([b for _, b in theirs]), atol=1e-6)  # it rounds to 6 places
+    assert all(len(v) <= 16 and [b[4] for b, _ in v] == sorted((b[4] for b, _ in v), reverse=True) for v in found.values())
+    name = next(iter(found))
+    assert set(scorer.colours(img, found[name], name)) <= set(evaluation.GENEVAL_COLORS)
+    metadata = tmp_path / "geneval.jsonl"
+    specs = [{"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a red circle"},
+             {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
+              "prompt": "two blue squares"}]
+    metadata.write_text("".join(json.dumps(x) + "\n" for x in specs))
+    out = str(tmp_path / "run")
+    ranke.main([world, f"--out_dir={out}", "--rounds=0", "--sample_every=0"])
+    m = evaluation.main([f"--run={out}", f"--eval_prompts={metadata}", f"--eval_specs={metadata}", "--eval_pairs=",
+                         f"--geneval_detector={tmp_path}/m2f", f"--geneval_clip_weights={root}/clip.pt",
+                         f"--geneval_clip_model={root}/tiny-clip.json", "--geneval_clip_quick_gelu=False",
+                         f"--eval_clip_model={root}/tiny-clip.json", f"--eval_clip_weights={root}/clip.pt",
+                         "--eval_clip_quick_gelu=False", "--eval_n_per_prompt=2"])[out][0]
+    assert set(m) >= {"GenEval", "GenEval_single_object", "GenEval_counting", "CLIP"} and "FD" not in m
+    images = tmp_path / "geneval_images"
+    for i, x in enumerate(specs):
+        os.makedirs(images / f"{i:05d}" / "samples")
+        (images / f"{i:05d}" / "metadata.jsonl").write_text(json.dumps(x))
+        for k in range(2):
+            img.save(images / f"{i:05d}" / "samples" / f"{k:04d}.png")
+    args = [f"--eval_specs={metadata}", f"--geneval_images={images}", f"--geneval_detector={tmp_path}/m2f",
+            f"--geneval_clip_weights={root}/clip.pt", f"--geneval_clip_model={root}/tiny-clip.json",
+            "--geneval_clip_quick_gelu=False", "--eval_n_per_prompt=2"]
+    m = evaluation.main(args)
+    assert set(m) == {"GenEval", "GenEval_single_object", "GenEval_counting"}
+    assert json.load(open(images / "geneval.json")) == m
+    os.remove(images / "00001" / "samples" / "0001.png")
+    with pytest.raises(SystemExit, match="00001: \\['0000.png'\\] for \\['0000.png', '0001.png'\\]"):
+        evaluation.main(args)
+    img.save(images / "00001" / "samples" / "0001.png")
+    os.makedirs(images / "00002" / "samples")
+    img.save(images / "00002" / "samples" / "0000.png")
+    with pytest.raises(SystemExit, match="00002: not a prompt of"):
+        evaluation.main(args)
+    metadata.write_text(json.dumps({"tag": "counting", "include": [{"class": "unicorn", "count": 2}], "prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match="geneval.jsonl:1: not a GenEval spec"):
+        evaluation.read_geneval_specs(str(metadata))
 
 
 # ---------------------------------------------------------------- the shapes world
