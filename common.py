@@ -349,30 +349,10 @@ def round_dir(out_dir, k):
     return os.path.join(out_dir, f"round_{k:04d}")
 
 
-def last_round(out_dir):
-    """The number of the last complete round, -1 if none."""
-    done = [int(d[6:]) for d in os.listdir(out_dir) if d.startswith("round_") and d[6:].isdigit()] \
-        if os.path.isdir(out_dir) else []
-    return max(done, default=-1)
-
-
-def begin_round(out_dir, k):
-    tmp = round_dir(out_dir, k) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed attempt left
-    os.makedirs(tmp)
-    return tmp
-
-
 def commit_round(tmp, meta):
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     os.replace(tmp, tmp[:-len(".tmp")])
-
-
-def log_metrics(out_dir, record):
-    """One line of the run's metrics.jsonl (a round's training metrics, or an evaluation)."""
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def read_meta(d):
@@ -385,18 +365,6 @@ def load_round(c, d):
     policy = load_policy(c, os.path.join(d, "policy.safetensors")).to(c.device)
     vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
     return policy, vq
-
-
-def carry_over(src_dir, dst_dir, names):
-    """Files a stage did not change this round: hard links to the previous round's (copies where
-    links are not possible), so every round folder is complete on its own."""
-    for n in names:
-        src, dst = os.path.join(src_dir, n), os.path.join(dst_dir, n)
-        if os.path.exists(src) and not os.path.exists(dst):
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
 
 
 def save_model(model, path):

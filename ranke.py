@@ -12,6 +12,7 @@ a run resumes from its last saved round, exactly (every draw is seeded by seed, 
     python ranke.py config/llamagen_xl_clip.py --mode=policy_only --out_dir=out/std_rl
 """
 import hashlib
+import json
 import math
 import os
 import secrets
@@ -26,8 +27,8 @@ import eval as evaluation
 import train_decoder
 import train_policy
 import train_sft
-from common import (autocast, caption_features, carry_over, check_dtype, commit_round, init_dist, last_round,
-                    read_meta, read_prompts, round_dir, save_grid, save_model)
+from common import (autocast, caption_features, check_dtype, commit_round, init_dist, read_meta, read_prompts,
+                    round_dir, save_grid, save_model)
 from configurator import defaults
 from losses import reward_terms, run_reward
 from model_ar import fill_t5_cache, generate
@@ -55,6 +56,44 @@ ROUND_FILES = ["policy.safetensors", "policy_ref.safetensors", "opt_policy.safet
 # what a resumed run must share with the run in out_dir (the world size is free: it changes no result)
 COMPATIBLE = ("backbone", "init_policy", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size", "seed", "mode", "policy_steps", "decoder_steps",
               "prompts_per_step", "prompts_per_chunk", "decoder_chunks", "decoder_batch", "real_batch")
+
+
+# ---------------------------------------------------------------- the round folders of a run
+
+
+def last_round(out_dir):
+    """The number of the last complete round, -1 if none."""
+    done = [int(d[6:]) for d in os.listdir(out_dir) if d.startswith("round_") and d[6:].isdigit()] \
+        if os.path.isdir(out_dir) else []
+    return max(done, default=-1)
+
+
+def begin_round(out_dir, k):
+    tmp = round_dir(out_dir, k) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed attempt left
+    os.makedirs(tmp)
+    return tmp
+
+
+def log_metrics(out_dir, record):
+    """One line of the run's metrics.jsonl (a round's training metrics, or an evaluation)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def carry_over(src_dir, dst_dir, names):
+    """Files a stage did not change this round: hard links to the previous round's (copies where
+    links are not possible), so every round folder is complete on its own."""
+    for n in names:
+        src, dst = os.path.join(src_dir, n), os.path.join(dst_dir, n)
+        if os.path.exists(src) and not os.path.exists(dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+# ---------------------------------------------------------------- the loop
 
 
 def config(argv=None, **forced):
@@ -149,7 +188,7 @@ def validate(c, rank, world):
 
 def base_round(c):
     """round_0000: the base policy (also the first pi_ref) and decoder (also the first EMA decoder)."""
-    tmp = common.begin_round(c.out_dir, 0)
+    tmp = begin_round(c.out_dir, 0)
     policy = common.load_policy(c, os.path.join(c.init_policy, "policy.safetensors") if c.init_policy else c.gpt_ckpt)
     save_model(policy, os.path.join(tmp, "policy.safetensors"))
     os.link(os.path.join(tmp, "policy.safetensors"), os.path.join(tmp, "policy_ref.safetensors"))
@@ -201,7 +240,7 @@ def evaluate(c, rnd, rank, world):
     m = evaluation.evaluate_round(c, c, round_dir(c.out_dir, rnd), rank, world)
     if rank == 0:
         print(f"eval round {rnd} | " + " | ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
-        common.log_metrics(c.out_dir, {"round": rnd, "eval": m})
+        log_metrics(c.out_dir, {"round": rnd, "eval": m})
     return m
 
 
@@ -209,7 +248,7 @@ def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
     """The full state after round rnd as a round folder (rank 0), written as .tmp and renamed; files
     this mode does not change are hard links to the last saved round's. Then retention."""
     last = round_dir(c.out_dir, last_round(c.out_dir))
-    tmp = common.begin_round(c.out_dir, rnd)
+    tmp = begin_round(c.out_dir, rnd)
     if policy.update:
         (train_sft if c.mode == "sft" else train_policy).save(policy, tmp)
     if decoder is not None:
@@ -288,7 +327,7 @@ def main(argv=None, **forced):
                 save_round(c, rnd, policy, decoder, rollouts_file, m)
             m["round_time_s"] = time.time() - t0
             rewards[rnd] = m.get("reward")
-            common.log_metrics(c.out_dir, {"round": rnd, "time": time.time(), **m})
+            log_metrics(c.out_dir, {"round": rnd, "time": time.time(), **m})
             print(log_line(rnd, m), flush=True)
         barrier(world)
         if evaluated:
