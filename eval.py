@@ -1,17 +1,20 @@
-"""Evaluate the rounds of a RankE run: FID (or its stand-in), CLIP score, HPSv2, a compositional score,
-and the Latent-Covariate-Shift diagnostics (Appendix C), with per-round tables, curves and grids.
+"""Evaluate the rounds of a RankE run: FID (or its stand-in), CLIP score, HPSv2 (and its benchmark's
+styles), GenEval (the benchmark's scorer, ported; or the shapes world's micro version), and the
+Latent-Covariate-Shift diagnostics (Appendix C), with per-round tables, curves and figures.
 
     python eval.py --run=out/ranke                                  # the micro world's held-out prompts
     python eval.py --run=out/ranke --compare=out/std_rl             # two runs side by side
     torchrun --nproc_per_node=8 eval.py config/eval_coco.py --run=out/llamagen_xl_clip
+    torchrun --nproc_per_node=8 eval.py config/eval_geneval.py --run=out/llamagen_xl_clip
 
 Generation (sharded over ranks, resumable: written images are skipped) follows the paper's protocol:
-PNG via clamp(127.5 x + 128). FID follows clean-fid's "clean" protocol with its TorchScript Inception
-(`inception-2015-12-05.pt`, the file clean-fid and StyleGAN use; loaded with torch.jit.load, so no
-pickle is run): images in [0, 255], resized to 299 (bicubic; clean-fid resizes with PIL on float32, a
-torch resize differs from it by a fraction of a grey level), 2048-d pool features, reference
-statistics cached, the Frechet distance in float64 torch. Without that file, an FD in the reward
-CLIP's image-feature space is reported instead, named FD_CLIP -- never called FID.
+PNG via clamp(127.5 x + 128), a folder per sampling setting. FID follows clean-fid's "clean" protocol
+with its TorchScript Inception (`inception-2015-12-05.pt`, the file clean-fid and StyleGAN use; loaded
+with torch.jit.load, so no pickle is run): images in [0, 255], resized to 299 by clean-fid's own
+resizer (PIL bicubic on float32 channels), optionally centre-cropped and LANCZOS-resized to 256 first
+(fid_crop), 2048-d pool features, reference statistics cached, the Frechet distance in float64 torch.
+Without that file, an FD in the evaluation CLIP's image-feature space is reported instead, named
+FD_CLIP -- never called FID.
 """
 import hashlib
 import json
