@@ -40,6 +40,8 @@ eval_pairs = "out/shapes/heldout_pairs.jsonl"  # real images for FID and the cod
 #                                             or a folder of images (COCO val2014); "" = none (GenEval alone)
 eval_specs = "out/shapes/specs.json"  # prompt -> what a correct image holds: micro GenEval; GenEval's
 #                                      evaluation_metadata.jsonl with geneval_detector: the real one; "" = none
+eval_reader = "out/shapes/reader.pt"  # micro GenEval's detector (TorchScript, per-object counts of renders and of
+#                                      their reconstructions); "" or missing = the rule detector world.detect
 geneval_detector = ""  # a local transformers Mask2Former folder (facebook/mask2former-swin-small-coco-instance)
 geneval_clip_model = "ViT-L-14"  # GenEval's colour classifier: OpenAI CLIP ViT-L/14 (quick GELU) ...
 geneval_clip_weights = ""  # ... its weights for open_clip
@@ -353,9 +355,13 @@ def image_batches(paths, size, n=64):
 def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
     """Read the images from disk once, in batches, for everything asked: the FID network's features,
     CLIP image features, and with texts the CLIP scores (and HPSv2's with hps); with vq the frozen
-    tokenizer's codes; with specs the objects the shapes world's detector finds (micro GenEval)."""
+    tokenizer's codes; with specs the objects the shapes world's detector finds (micro GenEval: its
+    reader network, or without one the rule detector)."""
+    reader = None
     if specs is not None:
         from data.shapes.world import detect  # the spec format of the shapes world
+        if c.eval_reader and os.path.isfile(c.eval_reader):
+            reader = torch.jit.load(c.eval_reader, map_location=rc.device).eval()
     out = {"feats": [], "clip_feats": [], "scores": [], "hps": [], "codes": []}
     counts, start = [], 0
     for x in image_batches(paths, rc.image_size):
@@ -372,7 +378,10 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
                 out["scores"].append((f * clip.text_features(t)).sum(-1).cpu())
                 if hps is not None:
                     out["hps"].append(hps(x, t).cpu())
-        if specs is not None:
+        if reader is not None:
+            with torch.no_grad():
+                counts += reader(((x + 1) * 127.5).round(), False).view(len(x), -1, 3).argmax(-1).tolist()
+        elif specs is not None:
             u8 = ((x.cpu() + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
             counts += [detect(im) for im in u8]
     return {**{k: torch.cat(v) for k, v in out.items() if v}, "counts": counts}

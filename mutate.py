@@ -101,6 +101,7 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("fid: quantised resize", "eval.py", 'make_resizer("PIL", False, "bicubic", (size, size))', 'make_resizer("PIL", True, "bicubic", (size, size))'),
     ("hps: pooled is the styles' mean", "eval.py", 'm["HPSv2_pooled"] = torch.cat(pooled).mean().item()',
      'm["HPSv2_pooled"] = m["HPSv2_styles_mean"]'),
+    ("study: the standard deviation for the standard error", "study.py", "/ (len(xs) - 1) / len(xs))", "/ (len(xs) - 1))"),
     ("code KL: reversed", "eval.py", "return (p * (p / q).log2()).sum().item()", "return (q * (q / p).log2()).sum().item()"),
     ("entropy: nats", "eval.py", "return -(p[p > 0] * p[p > 0].log2()).sum().item()", "return -(p[p > 0] * p[p > 0].log()).sum().item()"),
 ]

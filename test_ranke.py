@@ -1540,7 +1540,8 @@ def shapes_args(world_dir, out, *extra):
             f"--train_pairs={world_dir}/pairs.jsonl", f"--clip_model={world_dir}/clip.json",
             f"--clip_weights={world_dir}/clip.pt", f"--eval_prompts={world_dir}/prompts_heldout.txt",
             f"--eval_pairs={world_dir}/heldout_pairs.jsonl", f"--eval_specs={world_dir}/specs.json",
-            f"--feature_net={world_dir}/features.pt", "--eval_n_per_prompt=1", *extra]
+            f"--feature_net={world_dir}/features.pt", f"--eval_reader={world_dir}/reader.pt", "--eval_n_per_prompt=1",
+            *extra]
 
 
 @pytest.mark.slow
@@ -1567,6 +1568,46 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
     shutil.rmtree(os.path.join(out, "round_0002"))
     results = evaluation.main([f"--run={out}", "--eval_rounds=2", f"--feature_net={shapes}/features.pt"])
     assert results[out][2]["FD"] == m["FD"] and "reward" in results[out][2]
+
+
+def test_study_summary_by_hand():
+    """Mean and standard error over seeds (sample std / sqrt n) at every round, and the table's last round."""
+    import study
+    runs = {"a": [{0: {"CLIP": 40.0}, 10: {"CLIP": 41.0, "FD": 9.0}}, {0: {"CLIP": 40.0}, 10: {"CLIP": 45.0, "FD": 11.0}},
+                  {0: {"CLIP": 40.0}, 10: {"CLIP": 43.0}}]}
+    s = study.summarise(runs)["a"]
+    assert s[0]["CLIP"] == (40.0, 0.0, 3) and s[10]["FD"] == (10.0, pytest.approx(1.0), 2)
+    assert s[10]["CLIP"][:2] == (43.0, pytest.approx(math.sqrt(4 / 3)))  # std 2, n 3
+    assert "| a | 10 (n=3) | 43 ± 1.2 | 10 ± 1 |" in study.table({"a": s})
+
+
+@pytest.mark.slow
+def test_study_runs_arms_over_seeds_and_reports_mean_and_se(world, tmp_path):
+    """study.py on the tiny world: each arm over seeds with its switches, then mean +- SE over the seeds
+    of every metric at every evaluated round, checked against the runs' own metrics by hand (SE =
+    sample std / sqrt n); a second call reuses the finished runs."""
+    import study
+    assert study.mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(math.sqrt(1 / 3)))
+    root = os.path.dirname(world)
+    args = [world, "--rounds=1", "--sample_every=0", "--eval_every=1", f"--eval_prompts={root}/prompts.txt",
+            f"--eval_pairs={root}/pairs.jsonl", "--eval_specs=", "--feature_net=", "--eval_n_per_prompt=1"]
+    d = str(tmp_path / "study")
+    summary = study.main([*args, f"--study_dir={d}", "--arms=sft,no_bp", "--seeds=0,1"])
+    for arm, (key, value) in (("sft", ("mode", "sft")), ("no_bp", ("lambda_bp", 0.0))):
+        runs = [study.read_run(os.path.join(d, f"{arm}_s{k}")) for k in (0, 1)]
+        assert ranke.read_meta(os.path.join(d, f"{arm}_s1", "round_0001"))["config"][key] == value
+        fd = [r[1]["FD_CLIP"] for r in runs]
+        assert summary[arm][1]["FD_CLIP"][:2] == (pytest.approx(sum(fd) / 2), pytest.approx(abs(fd[0] - fd[1]) / 2))
+        assert summary[arm][0]["CLIP"][1] == 0  # round 0 is the same base for every seed
+    assert len({r[1]["CLIP"] for r in (study.read_run(os.path.join(d, f"no_bp_s{k}")) for k in (0, 1))}) == 2
+    assert "reward" in summary["no_bp"][1] and "reward" not in summary["sft"][1]  # SFT draws no rollouts
+    assert "| sft | 1 (n=2) |" in open(os.path.join(d, "study_table.md")).read()
+    assert os.path.isfile(os.path.join(d, "study_curves.png"))
+    mtime = os.path.getmtime(os.path.join(d, "sft_s0", "metrics.jsonl"))
+    study.main([*args, f"--study_dir={d}", "--arms=sft", "--seeds=0"])
+    assert os.path.getmtime(os.path.join(d, "sft_s0", "metrics.jsonl")) == mtime
+    with pytest.raises(SystemExit, match="unknown arm"):
+        study.main([f"--study_dir={d}", "--arms=ranke,nope"])
 
 
 @pytest.mark.slow
@@ -1604,10 +1645,10 @@ def test_eight_ranks_run_the_defaults_and_match_one_process(shapes, tmp_path):
 
 @pytest.fixture(scope="module")
 def shapes_prepared(tmp_path_factory):
-    """The world as `python ranke.py` prepares it: the same VQ, GPT and CLIP (the FD network, not
-    used here, gets 4 steps). About 6.5 minutes on 2 cores -- the longest part of CI."""
+    """The world as `python ranke.py` prepares it: the same VQ, GPT and CLIP (the FD network and the
+    GenEval reader, not used here, get 4 steps). About 6.5 minutes on 2 cores -- the longest part of CI."""
     out = str(tmp_path_factory.mktemp("shapes_prepared"))
-    shapes_prepare.prepare(out, steps={"features": 4})
+    shapes_prepare.prepare(out, steps={"features": 4, "reader": 4})
     return out
 
 

@@ -7,6 +7,8 @@ pretrained here on 2 CPU cores in a few minutes, and saved in the formats the re
   clip.json/.pt  an open_clip CLIP (tiny), contrastive on the world's pairs: the reward
   features.pt    an independent network (TorchScript, the Inception of the world) trained to count
                  the objects in an image: its features give the FD analogue
+  reader.pt      micro GenEval's detector: the same network trained to count the objects of renders and
+                 of their reconstructions by vq.pt (the rule detector world.detect reads renders only)
   prompts_train.txt, prompts_heldout.txt, specs.json, pairs.jsonl, heldout_pairs.jsonl, images/
   janus/         with --backbone=janus: a tiny Janus-Pro as a transformers folder (JanusForConditionalGeneration),
                  its image-generation path trained like gpt.pt, its VQ the world's vq.pt, a word-level tokenizer
@@ -36,7 +38,7 @@ from model_vq import VQ_CONFIGS, VQModel, load_vq  # noqa: E402
 CLIP_CONFIG = {"embed_dim": 64, "quick_gelu": False,
                "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "head_width": 32, "patch_size": 4},
                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
-STEPS = {"vq": 300, "gpt": 400, "clip": 150, "features": 200, "janus": 400}
+STEPS = {"vq": 300, "gpt": 400, "clip": 150, "features": 200, "reader": 1500, "janus": 400}
 JANUS_PROMPT_LEN = 24  # BOS, the template's 4 tokens, up to 8 words, the image-start token
 RENDERS_PER_PROMPT = 6  # the GPT's training set: this many renders of each training prompt, encoded once
 
@@ -158,7 +160,7 @@ def train_clip(out, train, steps, rng):
 class Features(nn.Module):
     """The world's Inception: a small CNN trained to count each of the 15 kinds of object (0, 1, 2);
     its pooled features give the FD analogue. forward(x in [0, 255], return_features) follows
-    clean-fid's TorchScript Inception call. (Micro GenEval reads images by rule: world.detect.)"""
+    clean-fid's TorchScript Inception call. The same network reads micro GenEval's counts (reader.pt)."""
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
@@ -180,6 +182,30 @@ def train_features(train, steps, rng):
         x = (images_of(specs, rng) + 1) * 127.5
         y = torch.tensor([world.labels(s) for s in specs])
         loss = F.cross_entropy(net(x, False).view(-1, 3), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def train_reader(vq, train, steps, rng):
+    """Micro GenEval's detector: per-object counts (0, 1, 2) of renders and, for half of each batch, of
+    their reconstructions by the world's tokenizer, so that it reads decoded images as well as real ones.
+    Batches weight the prompt kinds 1 : 1 : 4 (single : two of a kind : pair) and the counts 1 : 5 : 5,
+    or the rare counts of two and the varied pairs are never learned."""
+    torch.manual_seed(0)
+    net = Features()
+    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    by_kind = [[s for s in train if s["kind"] == k] for k in ("single", "two", "pair")]
+    for step in bar(range(steps), "micro GenEval reader"):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 2e-3)
+        specs = [rng.choice(by_kind[min(k % 6, 2)]) for k in range(64)]
+        x = images_of(specs, rng)
+        with torch.no_grad():
+            x[32:] = vq.decode(vq.encode(x[32:])).clamp(-1, 1)
+        y = torch.tensor([world.labels(s) for s in specs])
+        loss = F.cross_entropy(net((x + 1) * 127.5, False).view(-1, 3), y.flatten(), weight=torch.tensor([1.0, 5.0, 5.0]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -263,6 +289,12 @@ def prepare(out="out/shapes", quick=False, seed=0, steps=None, backbone="llamage
     steps = {**{k: (4 if quick else v) for k, v in STEPS.items()}, **(steps or {})}
     if os.path.isfile(os.path.join(out, "READY")):
         print(f"the shapes world is prepared already in {out}: reusing it")
+        if not os.path.isfile(os.path.join(out, "reader.pt")):  # a world prepared before the reader existed
+            t0 = time.time()
+            train = world.split(seed)[0]
+            reader = train_reader(load_vq(os.path.join(out, "vq.pt"), "VQ-micro"), train, steps["reader"], random.Random(seed + 2))
+            torch.jit.save(torch.jit.script(reader), os.path.join(out, "reader.pt"))
+            print(f"added micro GenEval's reader to {out} ({time.time() - t0:.0f} s)")
         if backbone == "janus" and not os.path.isdir(os.path.join(out, "janus")):
             t0 = time.time()
             loss = prepare_janus(out, steps["janus"], seed, 1 if quick else RENDERS_PER_PROMPT)
@@ -298,6 +330,9 @@ def prepare(out="out/shapes", quick=False, seed=0, steps=None, backbone="llamage
     t = time.time()
     torch.jit.save(torch.jit.script(train_features(train, steps["features"], rng)), os.path.join(out, "features.pt"))
     times["features"] = time.time() - t
+    t = time.time()
+    torch.jit.save(torch.jit.script(train_reader(vq, train, steps["reader"], rng)), os.path.join(out, "reader.pt"))
+    times["reader"] = time.time() - t
     with torch.no_grad():
         x = images_of(rng.choices(train, k=64), rng)
         rec = F.l1_loss(vq.decode(vq.encode(x)), x).item()

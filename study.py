@@ -1,0 +1,122 @@
+"""The small-scale study of Tables 2, 4 and 5 on the shapes world: SFT, Std. RL, decoder-only, RankE, RankE
+without each decoder term, and the rank temperature tau, every arm at the same budget (the default run's
+10 rounds of 3 steps; SFT the same number of steps on the real pairs), each over several seeds; then the
+mean and standard error over seeds of every held-out metric at every evaluated round, as a table and as
+curves with +- 1 SE bands.
+
+    python study.py                                   # every arm x 3 seeds, into out/study
+    python study.py --arms=ranke,std_rl --seeds=0,1   # a part; runs already complete are reused
+    python study.py config/janus_shapes.py            # the same study on another world or backbone
+
+Each run is `ranke.py` with the arm's switches and `--seed=S` (the seed of every draw: rollouts, chunks,
+real images, the discriminator's init), in out/study/<arm>_s<S>; an interrupted study resumes where it
+stopped (ranke.py resumes each run; a finished one only reports).
+"""
+import json
+import math
+import os
+import sys
+
+import ranke
+from checkpoint import atomic_write
+from configurator import configure
+
+# -- config --
+study_dir = "out/study"
+arms = "sft,std_rl,decoder_only,ranke,no_rank_gan,no_bp,no_rec,no_cons,tau_inf,tau_1,tau_0.01"
+seeds = "0,1,2"
+ARMS = {  # arm -> the switches that make it (the default run is RankE with tau = 0.1)
+    "sft": ["--mode=sft"], "std_rl": ["--mode=policy_only"], "decoder_only": ["--mode=decoder_only"], "ranke": [],
+    "no_rank_gan": ["--lambda_gan=0"], "no_bp": ["--lambda_bp=0"], "no_rec": ["--lambda_rec=0"],
+    "no_cons": ["--lambda_cons=0"], "tau_inf": ["--tau=inf"], "tau_1": ["--tau=1.0"], "tau_0.01": ["--tau=0.01"]}
+METRICS = ("reward", "CLIP", "FID", "FD", "FD_CLIP", "GenEval", "code_KL", "code_entropy")
+
+
+def mean_se(xs):
+    """Mean and standard error of the mean (sample std / sqrt n; 0 for one value)."""
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) if len(xs) > 1 else 0.0)
+
+
+def read_run(out_dir):
+    """A run's held-out metrics by round (its in-loop evaluations), with each round's training reward."""
+    records = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    evals = {r["round"]: dict(r["eval"]) for r in records if "eval" in r}
+    rewards = {r["round"]: r["reward"] for r in records if "reward" in r}
+    for rnd, m in evals.items():
+        if rnd in rewards:
+            m["reward"] = rewards[rnd]
+    return evals
+
+
+def summarise(runs):
+    """runs: {arm: [evals of each seed]} -> {arm: {round: {metric: (mean, se, n)}}} over the seeds that
+    have the round."""
+    out = {}
+    for arm, seed_evals in runs.items():
+        rounds = sorted({r for e in seed_evals for r in e})
+        out[arm] = {r: {k: (*mean_se(v), len(v)) for k in METRICS
+                        if (v := [e[r][k] for e in seed_evals if r in e and k in e[r]])} for r in rounds}
+    return out
+
+
+def table(summary):
+    """Markdown: an arm a row, each metric at the arm's last round as mean +- SE (n seeds)."""
+    keys = [k for k in METRICS if any(k in s[max(s)] for s in summary.values())]
+    lines = ["| arm | round | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for arm, s in summary.items():
+        last = max(s)
+        cells = [f"{s[last][k][0]:.4g} ± {s[last][k][1]:.2g}" if k in s[last] else "" for k in keys]
+        lines.append(f"| {arm} | {last} (n={max(v[2] for v in s[last].values())}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curves(summary, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in METRICS if any(k in m for s in summary.values() for m in s.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for arm, s in summary.items():
+            pts = [(r, *m[k][:2]) for r, m in sorted(s.items()) if k in m]
+            if pts:
+                x, mu, se = zip(*pts)
+                ax.plot(x, mu, marker="o", label=arm)
+                ax.fill_between(x, [a - b for a, b in zip(mu, se)], [a + b for a, b in zip(mu, se)], alpha=0.2)
+        ax.set_title(k)
+        ax.set_xlabel("round")
+    axes[0, 0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    os.replace(path + ".tmp.png", path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = {"study_dir": study_dir, "arms": arms, "seeds": seeds}
+    ours = [a for a in argv if a.startswith(tuple(f"--{k}=" for k in cfg))]
+    configure(cfg, ours)
+    passed = [a for a in argv if a not in ours]  # config files and overrides for every run
+    unknown = [a for a in cfg["arms"].split(",") if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}: choose from {', '.join(ARMS)}")
+    runs = {}
+    for arm in cfg["arms"].split(","):
+        runs[arm] = []
+        for seed in (int(s) for s in cfg["seeds"].split(",")):
+            out = os.path.join(cfg["study_dir"], f"{arm}_s{seed}")
+            ranke.main([*passed, *ARMS[arm], f"--seed={seed}", f"--out_dir={out}"])  # resumes; a finished run returns
+            runs[arm].append(read_run(out))
+    summary = summarise(runs)
+    text = table(summary)
+    atomic_write(os.path.join(cfg["study_dir"], "study_table.md"), text + "\n")
+    atomic_write(os.path.join(cfg["study_dir"], "study.json"), json.dumps(summary, indent=1))
+    curves(summary, os.path.join(cfg["study_dir"], "study_curves.png"))
+    print(text)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
