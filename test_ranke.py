@@ -438,7 +438,9 @@ def test_janus_sampler_logprobs_equal_teacher_forced(janus_dir):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         codes, lp = generate(policy, ids, mask, 4.0, 1.0, 50, 0.9, generator=g, return_logprobs=True)
-        assert torch.allclose(token_logprobs(policy, codes, ids, mask, 4.0, 1.0, 50, 0.9)[0], lp, atol=1e-5)
+        # atol: fp32 summation order differs between the cached and the whole-sequence pass (seen 4e-6 on one
+        # machine, 1e-4 on another, where CFG's (1 + s) amplifies it); a wrong CFG or mask moves log-probs by >0.1
+        assert torch.allclose(token_logprobs(policy, codes, ids, mask, 4.0, 1.0, 50, 0.9)[0], lp, atol=5e-4)
         cond_only = token_logprobs(policy, codes, ids, mask, 4.0, 1.0, 50, 0.9, cond_only=True)[0]
         assert torch.allclose(cond_only, policy(codes, ids, mask).log_softmax(-1).gather(-1, codes[..., None])[..., 0])
     lp, _ = token_logprobs(policy, codes, ids, mask, 4.0, 1.0, 50, 0.9)
