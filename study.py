@@ -76,21 +76,22 @@ def curves(summary, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = [k for k in METRICS if any(k in m for s in summary.values() for m in s.values())]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys) + 1.4, 3.0), squeeze=False)
+    width = 3.2 * len(keys) + 1.4  # 1.4 inches on the right for the legend
+    fig, axes = plt.subplots(1, len(keys), figsize=(width, 3.0), squeeze=False)
     colour = {arm: plt.cm.tab20(i % 20) for i, arm in enumerate(summary)}  # one colour an arm in every panel
     for ax, k in zip(axes[0], keys):
         for arm, s in summary.items():
             pts = [(r, *m[k][:2]) for r, m in sorted(s.items()) if k in m]
             if pts:
                 x, mu, se = zip(*pts)
-                ax.plot(x, mu, marker="o", color=colour[arm], label=arm)
+                ax.plot(x, mu, marker="o", color=colour[arm])
                 ax.fill_between(x, [a - b for a, b in zip(mu, se)], [a + b for a, b in zip(mu, se)],
                                 color=colour[arm], alpha=0.15)
         ax.set_title(k)
         ax.set_xlabel("round")
     handles = [plt.Line2D([], [], color=colour[arm], marker="o") for arm in summary]
     fig.legend(handles, list(summary), loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1 - 1.4 / (3.2 * len(keys) + 1.4), 1))  # room for the legend
+    fig.tight_layout(rect=(0, 0, 1 - 1.4 / width, 1))
     fig.savefig(path + ".tmp.png", dpi=100)
     os.replace(path + ".tmp.png", path)
     plt.close(fig)
