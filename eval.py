@@ -16,6 +16,7 @@ resizer (PIL bicubic on float32 channels), optionally centre-cropped and LANCZOS
 Without that file, an FD in the evaluation CLIP's image-feature space is reported instead, named
 FD_CLIP -- never called FID.
 """
+import copy
 import hashlib
 import json
 import os
@@ -40,15 +41,13 @@ eval_pairs = "out/shapes/heldout_pairs.jsonl"  # real images for FID and the cod
 #                                             or a folder of images (COCO val2014); "" = none (GenEval alone)
 eval_specs = "out/shapes/specs.json"  # prompt -> what a correct image holds: micro GenEval; GenEval's
 #                                      evaluation_metadata.jsonl with geneval_detector: the real one; "" = none
-eval_reader = "out/shapes/reader.pt"  # micro GenEval's detector (TorchScript, per-object counts of renders and of
-#                                      their reconstructions); "" or missing = the rule detector world.detect
 geneval_detector = ""  # a local transformers Mask2Former folder (facebook/mask2former-swin-small-coco-instance)
 geneval_clip_model = "ViT-L-14"  # GenEval's colour classifier: OpenAI CLIP ViT-L/14 (quick GELU) ...
 geneval_clip_weights = ""  # ... its weights for open_clip
 geneval_clip_quick_gelu = True
 geneval_images = ""  # score a folder in GenEval's own layout (NNNNN/metadata.jsonl, NNNNN/samples/NNNN.png) and stop
 feature_net = "out/shapes/features.pt"  # TorchScript; COCO: clean-fid's inception-2015-12-05.pt
-feature_size = 32  # 299 for Inception
+feature_size = 64  # 299 for Inception
 fid_crop = 0  # > 0: both sets centre-cropped to the short side and resized to it with PIL's LANCZOS before
 #               the FID network's own resize (LlamaGen's and the release's COCO evaluation: 256)
 eval_clip_model = ""  # "" = the run's reward CLIP; COCO protocol: ViT-B-32 with OpenAI weights
@@ -67,6 +66,8 @@ eval_top_p = 1.0
 eval_caption_padding = ""  # "" = the run's; 'left' | 'right' (the authors' release's COCO sampling)
 eval_seed = 1234
 kl_smoothing = 0.5  # add-alpha smoothing of the code histograms
+eval_rec_images = 512  # the round's decoder on the ground-truth codes of the first N real images: rec_L1 and
+#                        FD_rec (FID_rec), so a decoder that stops being a tokenizer decoder shows; 0 = off
 grid_prompts = 16  # each evaluated round's eval_grid.png: the first image of the first N prompts
 figure_prompts = 8  # the run's eval_before_after.png: the first N prompts, base and last round side by side
 
@@ -355,13 +356,9 @@ def image_batches(paths, size, n=64):
 def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
     """Read the images from disk once, in batches, for everything asked: the FID network's features,
     CLIP image features, and with texts the CLIP scores (and HPSv2's with hps); with vq the frozen
-    tokenizer's codes; with specs the objects the shapes world's detector finds (micro GenEval: its
-    reader network, or without one the rule detector)."""
-    reader = None
+    tokenizer's codes; with specs the objects the shapes world's rule detector finds (micro GenEval)."""
     if specs is not None:
         from data.shapes.world import detect  # the spec format of the shapes world
-        if c.eval_reader and os.path.isfile(c.eval_reader):
-            reader = torch.jit.load(c.eval_reader, map_location=rc.device).eval()
     out = {"feats": [], "clip_feats": [], "scores": [], "hps": [], "codes": []}
     counts, start = [], 0
     for x in image_batches(paths, rc.image_size):
@@ -378,10 +375,7 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
                 out["scores"].append((f * clip.text_features(t)).sum(-1).cpu())
                 if hps is not None:
                     out["hps"].append(hps(x, t).cpu())
-        if reader is not None:
-            with torch.no_grad():
-                counts += reader(((x + 1) * 127.5).round(), False).view(len(x), -1, 3).argmax(-1).tolist()
-        elif specs is not None:
+        if specs is not None:
             u8 = ((x.cpu() + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
             counts += [detect(im) for im in u8]
     return {**{k: torch.cat(v) for k, v in out.items() if v}, "counts": counts}
@@ -390,14 +384,8 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
 def real_reference(c, rc, net, clip, vq):
     """Real images of the eval prompts, read once and cached next to the pairs file: FID
     statistics (and FD_CLIP's), and their ground-truth codes from the frozen tokenizer."""
-    if os.path.isdir(c.eval_pairs):  # every image of a folder (COCO val2014), by name
-        paths = sorted(os.path.join(c.eval_pairs, f) for f in os.listdir(c.eval_pairs)
-                       if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
-        if not paths:
-            raise ValueError(f"{c.eval_pairs} holds no .png / .jpg / .webp images")
-        where = os.path.abspath(c.eval_pairs)
-    else:
-        paths, where = [p for p, _ in read_pairs(c.eval_pairs)], os.path.dirname(os.path.abspath(c.eval_pairs))
+    paths = reference_paths(c)
+    where = os.path.abspath(c.eval_pairs) if os.path.isdir(c.eval_pairs) else os.path.dirname(os.path.abspath(c.eval_pairs))
     key = hashlib.sha1(json.dumps([paths, c.feature_net, c.feature_size, c.fid_crop, rc.vq_ckpt, rc.image_size,
                                  c.eval_clip_model or rc.clip_model, c.eval_clip_weights or rc.clip_weights]).encode()).hexdigest()[:12]
     cache = os.path.join(where, f"real_stats_{key}.safetensors")
@@ -411,6 +399,43 @@ def real_reference(c, rc, net, clip, vq):
         ref["mu"], ref["sigma"] = gaussian(s["feats"])
     common.atomic_save(ref, cache)
     return ref
+
+
+def reference_paths(c):
+    """The real images of the evaluation: every image of a folder (COCO val2014), by name, or a pairs file's."""
+    if not os.path.isdir(c.eval_pairs):
+        return [p for p, _ in read_pairs(c.eval_pairs)]
+    paths = sorted(os.path.join(c.eval_pairs, f) for f in os.listdir(c.eval_pairs)
+                   if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp")))
+    if not paths:
+        raise ValueError(f"{c.eval_pairs} holds no .png / .jpg / .webp images")
+    return paths
+
+
+def decoder_fidelity(c, rc, d, ref, net, base_vq):
+    """Round folder d's decoder on the ground-truth codes of the first eval_rec_images real images (from
+    the frozen tokenizer): its mean L1 to the real images in [-1, 1] and the FD of its decodings against
+    the real reference -- the decoder's own error, apart from anything the policy draws. Round 0 gives the
+    base tokenizer's. The decodings are PNGs in d/rec_<reference>/, written once."""
+    from model_vq import load_decoder
+    paths = reference_paths(c)[:c.eval_rec_images]
+    out = os.path.join(d, "rec_" + hashlib.sha1(repr([c.eval_pairs, len(paths)]).encode()).hexdigest()[:8])
+    names = [os.path.join(out, f"{i:06d}.png") for i in range(len(paths))]
+    if not all(os.path.isfile(p) for p in names):
+        vq = load_decoder(copy.deepcopy(base_vq), os.path.join(d, "decoder.safetensors"))
+        os.makedirs(out, exist_ok=True)
+        for i in range(0, len(paths), 64):
+            with torch.no_grad(), common.autocast(c):
+                images = vq.decode(ref["codes"][i:i + 64].to(rc.device)).float().clamp(-1, 1)
+            for k, img in enumerate(images):
+                save_grid(img[None], names[i + k], 1)
+    err = torch.cat([(x - y).abs().flatten(1).mean(1) for x, y in zip(image_batches(names, rc.image_size),
+                                                                      image_batches(paths, rc.image_size))])
+    m = {"rec_L1": err.mean().item()}
+    if net is not None:
+        key = ("FID" if "inception" in os.path.basename(c.feature_net) else "FD") + "_rec"
+        m[key] = frechet(*gaussian(image_features(net, names, c)), ref["mu"], ref["sigma"])
+    return m
 
 
 def eval_folder(c, rc, d):
@@ -511,6 +536,8 @@ def evaluate_round(c, rc, d, rank=0, world=1):
         m["code_KL"] = code_kl(code_histogram(codes, V), code_histogram(gt, V), c.kl_smoothing)
         m["code_KL_real_floor"] = code_kl(code_histogram(gt[:half], V), code_histogram(gt[half:], V), c.kl_smoothing)
         m["code_entropy_real"] = entropy_bits(code_histogram(gt, V))
+    if ref is not None and c.eval_rec_images:
+        m.update(decoder_fidelity(c, rc, d, ref, net, base_vq))
     grid = torch.stack([load_image(p, rc.image_size) for p in paths[:c.grid_prompts * c.eval_n_per_prompt:c.eval_n_per_prompt]])
     grid = F.interpolate(grid, scale_factor=max(1, 128 // rc.image_size), mode="nearest")  # tiles of >= 128 px
     save_grid(grid, os.path.join(d, "eval_grid.png"), nrow=8)
@@ -535,7 +562,7 @@ def curves(results, path, reward_by_round):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = ["FID", "FD", "FD_CLIP", "CLIP", "GenEval", "code_KL", "code_entropy", "reward"]
+    keys = ["FID", "FD", "FD_CLIP", "FID_rec", "FD_rec", "CLIP", "GenEval", "code_KL", "code_entropy", "reward"]
     keys = [k for k in keys if any(k in m for r in results.values() for m in r.values()) or k == "reward"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
     for ax, k in zip(axes, keys):
@@ -552,30 +579,27 @@ def curves(results, path, reward_by_round):
     plt.close(fig)
 
 
-def before_after(c, rc, run_dir, first, last, results, path):
-    """One figure a person reads at a glance: the first `figure_prompts` eval prompts written beside
-    two samples of each from round `first` and round `last`, pixels enlarged as they are (nearest), the
-    rounds' headline metrics above them."""
+def before_after(c, columns, path):
+    """One figure a person reads at a glance: the first `figure_prompts` eval prompts written beside two
+    samples of each (the same seeds in every column) from each column's images, pixels enlarged as they
+    are (nearest), the column's headline metrics above it. columns: [(title, image folder, metrics)]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
     prompts = read_prompts(c.eval_prompts)[:c.figure_prompts]
-    k = min(2, c.eval_n_per_prompt)
-    folders = {r: eval_folder(c, rc, round_dir(run_dir, r)) for r in (first, last)}
-    fig, axes = plt.subplots(len(prompts), 1 + 2 * k, figsize=(3.2 + 2 * k * 1.6, 1.6 * len(prompts)), squeeze=False,
-                             gridspec_kw={"width_ratios": [2] + [1] * 2 * k})
+    k, n = min(2, c.eval_n_per_prompt), len(columns)
+    fig, axes = plt.subplots(len(prompts), 1 + n * k, figsize=(3.2 + n * k * 1.6, 1.6 * len(prompts)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2] + [1] * n * k})
     for i, prompt in enumerate(prompts):
         axes[i, 0].text(1.0, 0.5, prompt, ha="right", va="center", wrap=True, fontsize=9)
-        for j, r in enumerate((first, last)):
+        for j, (title, folder, m) in enumerate(columns):
             for s in range(k):
                 ax = axes[i, 1 + j * k + s]
-                ax.imshow(Image.open(os.path.join(folders[r], f"{i * c.eval_n_per_prompt + s:06d}.png")),
-                          interpolation="nearest")
+                ax.imshow(Image.open(os.path.join(folder, f"{i * c.eval_n_per_prompt + s:06d}.png")), interpolation="nearest")
                 if i == 0 and s == 0:
-                    m = results[r]
                     shown = [f"{key} {m[key]:.1f}" for key in ("CLIP", "FID", "FD", "FD_CLIP") if key in m]
-                    ax.set_title(f"round {r}{' (base)' if r == 0 else ''}\n" + ", ".join(shown), fontsize=9, loc="left")
+                    ax.set_title(f"{title}\n" + ", ".join(shown), fontsize=9, loc="left")
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -586,15 +610,24 @@ def before_after(c, rc, run_dir, first, last, results, path):
 
 def report(c, configs, results, rewards, where):
     """The runs' table and curves in `where`, and each run's before / after figure in its own folder
-    (when its first and last evaluated rounds still hold their images). configs, results, rewards: by run."""
+    (when its first and last evaluated rounds still hold their images); with two runs, one more figure in
+    `where`: the first run's base beside each run's last round. configs, results, rewards: by run."""
     text = table(results)
     atomic_write(os.path.join(where, "eval_table.md"), text + "\n")
     curves(results, os.path.join(where, "eval_curves.png"),
            {k: {r: v for r, v in d.items() if v is not None} for k, d in rewards.items()})
-    for name, r in results.items():
-        first, last = min(r), max(r)
-        if last > first and all(os.path.isdir(eval_folder(c, configs[name], round_dir(name, x))) for x in (first, last)):
-            before_after(c, configs[name], name, first, last, r, os.path.join(name, "eval_before_after.png"))
+    column = lambda name, r, title: (title, eval_folder(c, configs[name], round_dir(name, r)), results[name][r])
+    ends = {name: (min(r), max(r)) for name, r in results.items()}
+    have = lambda name, r: os.path.isdir(eval_folder(c, configs[name], round_dir(name, r)))
+    for name, (first, last) in ends.items():
+        if last > first and have(name, first) and have(name, last):
+            before_after(c, [column(name, first, f"round {first}{' (base)' if first == 0 else ''}"),
+                             column(name, last, f"round {last}")], os.path.join(name, "eval_before_after.png"))
+    if len(results) > 1 and all(have(name, r) for name, ends_ in ends.items() for r in ends_):
+        first_run = next(iter(results))
+        before_after(c, [column(first_run, ends[first_run][0], f"round {ends[first_run][0]}")] +
+                     [column(name, last, f"{os.path.basename(name.rstrip('/'))}, round {last}") for name, (_, last) in ends.items()],
+                     os.path.join(where, "eval_before_after.png"))
     return text
 
 

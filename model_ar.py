@@ -49,8 +49,8 @@ GPT_CONFIGS = {
     # small configs for the tests and the micro world
     "GPT-tiny": GPTConfig(n_layer=2, n_head=2, dim=64, vocab_size=64, caption_dim=32, cls_token_num=8,
                           block_size=16, multiple_of=32),
-    "GPT-micro": GPTConfig(n_layer=3, n_head=4, dim=96, vocab_size=256, caption_dim=64, cls_token_num=16,
-                           block_size=64, multiple_of=32),
+    "GPT-micro": GPTConfig(n_layer=4, n_head=4, dim=128, vocab_size=512, caption_dim=64, cls_token_num=16,
+                           block_size=256, multiple_of=32),
 }
 
 

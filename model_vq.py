@@ -35,7 +35,7 @@ VQ_CONFIGS = {
     "VQ-8": VQConfig(ch_mult=(1, 2, 2, 4)),
     # small configs for the tests and the micro world (GroupNorm needs channels divisible by 32)
     "VQ-tiny": VQConfig(codebook_size=64, ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32),
-    "VQ-micro": VQConfig(codebook_size=256, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32),
+    "VQ-micro": VQConfig(codebook_size=512, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=32),
 }
 
 

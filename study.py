@@ -23,13 +23,14 @@ from configurator import configure
 
 # -- config --
 study_dir = "out/study"
-arms = "sft,std_rl,decoder_only,ranke,no_rank_gan,no_bp,no_rec,no_cons,tau_inf,tau_1,tau_0.01"
-seeds = "0,1,2"
+arms = "std_rl,ranke,decoder_only"  # also: sft, no_rank_gan, no_bp, no_rec, no_cons, tau_inf, tau_1, tau_0.01
+seeds = "0,1,2,3,4"
 ARMS = {  # arm -> the switches that make it (the default run is RankE with tau = 0.1)
     "sft": ["--mode=sft"], "std_rl": ["--mode=policy_only"], "decoder_only": ["--mode=decoder_only"], "ranke": [],
     "no_rank_gan": ["--lambda_gan=0"], "no_bp": ["--lambda_bp=0"], "no_rec": ["--lambda_rec=0"],
     "no_cons": ["--lambda_cons=0"], "tau_inf": ["--tau=inf"], "tau_1": ["--tau=1.0"], "tau_0.01": ["--tau=0.01"]}
-METRICS = ("reward", "CLIP", "FID", "FD", "FD_CLIP", "GenEval", "code_KL", "code_entropy")
+METRICS = ("reward", "CLIP", "FID", "FD", "FD_CLIP", "GenEval", "code_KL", "code_entropy", "FID_rec", "FD_rec", "rec_L1")
+PAIRED = ("ranke", "std_rl")  # the paired comparison: the first arm minus the second, seed by seed
 
 
 def mean_se(xs):
@@ -58,6 +59,28 @@ def summarise(runs):
         out[arm] = {r: {k: (*mean_se(v), len(v)) for k in METRICS
                         if (v := [e[r][k] for e in seed_evals if r in e and k in e[r]])} for r in rounds}
     return out
+
+
+def paired(runs, a, b):
+    """{metric: (mean, se, lo, hi, n)} of arm a minus arm b at their common last round, paired by seed (the
+    same seed draws the same first rollouts in both), with the 95% t-interval on n - 1 degrees of freedom."""
+    from scipy.stats import t
+    out = {}
+    last = min(max(e) for e in runs[a] + runs[b])
+    for k in METRICS:
+        d = [x[last][k] - y[last][k] for x, y in zip(runs[a], runs[b]) if k in x.get(last, {}) and k in y.get(last, {})]
+        if len(d) > 1:
+            m, se = mean_se(d)
+            h = t.ppf(0.975, len(d) - 1) * se
+            out[k] = (m, se, m - h, m + h, len(d))
+    return last, out
+
+
+def paired_table(a, b, last, diffs):
+    lines = [f"{a} - {b} at round {last}, paired by seed (mean ± SE, 95% t-interval):", "",
+             "| metric | difference | 95% interval | n |", "|---|---|---|---|"]
+    lines += [f"| {k} | {m:.4g} ± {se:.2g} | [{lo:.4g}, {hi:.4g}] | {n} |" for k, (m, se, lo, hi, n) in diffs.items()]
+    return "\n".join(lines)
 
 
 def table(summary):
@@ -115,6 +138,8 @@ def main(argv=None):
             runs[arm].append(read_run(out))
     summary = summarise(runs)
     text = table(summary)
+    if all(arm in runs and len(runs[arm]) > 1 for arm in PAIRED):
+        text += "\n\n" + paired_table(*PAIRED, *paired(runs, *PAIRED))
     atomic_write(os.path.join(cfg["study_dir"], "study_table.md"), text + "\n")
     atomic_write(os.path.join(cfg["study_dir"], "study.json"), json.dumps(summary, indent=1))
     curves(summary, os.path.join(cfg["study_dir"], "study_curves.png"))

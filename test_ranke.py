@@ -1514,7 +1514,7 @@ def test_world_is_deterministic_with_unseen_compositions():
     assert [s["prompt"] for s in a[0] + a[1]] == [s["prompt"] for s in b[0] + b[1]]
     spec = a[1][0]
     img1, img2 = shapes_world.render(spec, random.Random(7)), shapes_world.render(spec, random.Random(7))
-    assert img1.shape == (32, 32, 3) and (img1 == img2).all()
+    assert img1.shape == (64, 64, 3) and (img1 == img2).all()
     assert not (img1 == shapes_world.render(spec, random.Random(8))).all()
     train_pairs = {tuple(map(tuple, s["objects"])) for s in a[0] if s["kind"] == "pair"}
     held_pairs = [s for s in a[1] if s["kind"] == "pair"]
@@ -1528,12 +1528,51 @@ def test_world_is_deterministic_with_unseen_compositions():
         assert not shapes_world.correct(s, [0 if w else n for n, w in zip(counts, want)])
 
 
+def test_world_draws_anti_aliased_shapes_and_maps_them_by_hand():
+    """A red square of half-side 0.85 r = 8.5 px centred at (20, 20): pixels 12-27 are inside, 11 and 28
+    half covered (an edge of x = 11.5 and 28.5), the corner pixel (11, 11) a quarter; the object map's
+    cells of 8 px: cells 1-3 (px 8-31) along each axis hold the square (kind red square = 1 + index 1); cells
+    1 and 3 are covered (16 - 11.5) / 8 = 0.56 along the axis, so the four corner cells 0.32 < 1/3:
+    background."""
+    img = shapes_world.draw([("red", "square", 20.0, 20.0, 10.0)])
+    red, bg = np.array(shapes_world.COLORS["red"]), np.array(shapes_world.BACKGROUND)
+    assert (img[12:28, 12:28] == red).all() and (img[:11] == bg).all() and (img[29:] == bg).all()
+    assert (img[20, 11] == np.floor(bg + 0.5 * (red - bg) + 0.5)).all()
+    assert (img[11, 11] == np.floor(bg + 0.25 * (red - bg) + 0.5)).all()
+    m = shapes_world.object_map([("red", "square", 20.0, 20.0, 10.0)])
+    kind = 1 + shapes_world.OBJECTS.index(("red", "square"))
+    want = np.zeros((8, 8), np.int64)
+    want[1:4, 1:4] = kind
+    want[1, 1] = want[1, 3] = want[3, 1] = want[3, 3] = 0
+    assert (m == want).all()
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    """The world prepared in its quick form (a few steps of each model) -- the CI smoke world."""
-    out = str(tmp_path_factory.mktemp("shapes"))
-    shapes_prepare.prepare(out, quick=True)
+    """The shapes world written from the shipped base models (data/shapes/base, checked against their
+    manifest): what `python ranke.py` evaluates on every machine."""
+    out = str(tmp_path_factory.mktemp("shapes") / "world")
+    shapes_prepare.write_world(out)
     return out
+
+
+def test_shipped_world_is_checked_against_its_manifest(tmp_path):
+    """A shipped file that differs from its sha256 is refused by name before anything is written; a world
+    written from other base models is written again."""
+    base = tmp_path / "base"
+    shutil.copytree(shapes_prepare.BASE, base)
+    stamp = shapes_prepare.check_base(str(base))
+    with open(base / "clip.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(SystemExit, match="clip.json is missing or differs from its sha256"):
+        shapes_prepare.write_world(str(tmp_path / "w"), str(base))
+    assert not os.path.exists(tmp_path / "w")
+    out = tmp_path / "w"
+    out.mkdir()
+    (out / "READY").write_text(json.dumps({"manifest_sha256": stamp}))
+    assert shapes_prepare.write_world(str(out)) is False  # the same base: kept
+    (out / "READY").write_text(json.dumps({"manifest_sha256": "another"}))
+    assert shapes_prepare.write_world(str(out)) is True and os.path.isfile(out / "vq.pt")
 
 
 def shapes_args(world_dir, out, *extra):
@@ -1542,8 +1581,8 @@ def shapes_args(world_dir, out, *extra):
             f"--train_pairs={world_dir}/pairs.jsonl", f"--clip_model={world_dir}/clip.json",
             f"--clip_weights={world_dir}/clip.pt", f"--eval_prompts={world_dir}/prompts_heldout.txt",
             f"--eval_pairs={world_dir}/heldout_pairs.jsonl", f"--eval_specs={world_dir}/specs.json",
-            f"--feature_net={world_dir}/features.pt", f"--eval_reader={world_dir}/reader.pt", "--eval_n_per_prompt=1",
-            *extra]
+            f"--feature_net={world_dir}/features.pt", "--eval_n_per_prompt=1",
+            "--eval_rec_images=16", *extra]
 
 
 @pytest.mark.slow
@@ -1557,7 +1596,16 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
     m = json.load(open(os.path.join(out, "round_0002", "eval.json")))
     assert 0 <= m["GenEval"] <= 1 and m["code_entropy"] <= 8 and m["code_KL"] >= 0 and math.isfinite(m["FD"])
     assert os.path.isfile(os.path.join(out, "round_0002", "eval_grid.png"))
-    assert Image.open(os.path.join(out, "round_0002", "eval_grid.png")).size == (8 * 128, 2 * 128)  # 32 px tiles x 4
+    assert Image.open(os.path.join(out, "round_0002", "eval_grid.png")).size == (8 * 128, 2 * 128)  # 64 px tiles x 2
+    # the decoder's own fidelity: round 0's is the tokenizer's, computed here apart from eval.py -- the first 16
+    # held-out real images encoded, decoded, written as 8-bit pixels, their mean L1 to the originals
+    vq = model_vq.load_vq(f"{shapes}/vq.pt", "VQ-micro")
+    real = torch.stack([common.load_image(p, 64) for p, _ in common.read_pairs(f"{shapes}/heldout_pairs.jsonl")[:16]])
+    with torch.no_grad():
+        rec = ((127.5 * vq.decode(vq.encode(real)) + 128).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1)
+    m0 = json.load(open(os.path.join(out, "round_0000", "eval.json")))
+    assert m0["rec_L1"] == pytest.approx((rec - real).abs().mean().item(), rel=1e-5)
+    assert m["rec_L1"] > 0 and math.isfinite(m["FD_rec"])
     # the loop's own report: the table, the curves and the before / after figure land in the run's folder
     assert all(os.path.isfile(os.path.join(out, f)) for f in ("eval_table.md", "eval_curves.png", "eval_before_after.png"))
     os.remove(os.path.join(out, "eval_before_after.png"))
@@ -1570,6 +1618,18 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
     shutil.rmtree(os.path.join(out, "round_0002"))
     results = evaluation.main([f"--run={out}", "--eval_rounds=2", f"--feature_net={shapes}/features.pt"])
     assert results[out][2]["FD"] == m["FD"] and "reward" in results[out][2]
+
+
+def test_study_paired_difference_by_hand():
+    """RankE minus Std. RL seed by seed: differences -3, -2, -4 -> mean -3, SE 1 / sqrt 3, and the 95%
+    t-interval on 2 degrees of freedom, t = 4.3027 (the table's value): -3 -+ 2.484."""
+    import study
+    runs = {"ranke": [{10: {"FD": 5.0}}, {10: {"FD": 7.0}}, {10: {"FD": 6.0}}],
+            "std_rl": [{10: {"FD": 8.0}}, {10: {"FD": 9.0}}, {10: {"FD": 10.0}}]}
+    last, d = study.paired(runs, "ranke", "std_rl")
+    m, se, lo, hi, n = d["FD"]
+    assert last == 10 and n == 3 and m == -3 and se == pytest.approx(1 / math.sqrt(3))
+    assert (lo, hi) == (pytest.approx(-3 - 4.302653 / math.sqrt(3)), pytest.approx(-3 + 4.302653 / math.sqrt(3)))
 
 
 def test_study_summary_by_hand():
@@ -1645,15 +1705,6 @@ def test_eight_ranks_run_the_defaults_and_match_one_process(shapes, tmp_path):
     assert_same_run(one, eight, (1,), 1e-5)
 
 
-@pytest.fixture(scope="module")
-def shapes_prepared(tmp_path_factory):
-    """The world as `python ranke.py` prepares it: the same VQ, GPT and CLIP (the FD network and the
-    GenEval reader, not used here, get 4 steps). About 6.5 minutes on 2 cores -- the longest part of CI."""
-    out = str(tmp_path_factory.mktemp("shapes_prepared"))
-    shapes_prepare.prepare(out, steps={"features": 4, "reader": 4})
-    return out
-
-
 def held_out_rewards(c, d, prompts, n, seed=123):
     """R(x, c) of n samples per prompt from round folder d (fixed seed): len(prompts) x n."""
     policy, vq = load_round(c, d)
@@ -1669,7 +1720,7 @@ def held_out_rewards(c, d, prompts, n, seed=123):
 
 
 @pytest.mark.slow
-def test_short_grpo_raises_held_out_reward(shapes_prepared, tmp_path):
+def test_short_grpo_raises_held_out_reward(shapes, tmp_path):
     """The learning signal reaches the policy: 10 GRPO steps (32 prompts x 8 rollouts each, lr 4e-4,
     seed 0, chunks of 4 prompts, pi_old from the sampler, decoder frozen) on the prepared world raise
     the mean reward on its 64 held-out prompts (48 of them unseen compositions), 32 samples a prompt
@@ -1678,11 +1729,11 @@ def test_short_grpo_raises_held_out_reward(shapes_prepared, tmp_path):
     < 0.2%). Measured on 2 cores: +0.040 and +0.044 in cosine (z = 6.1 and 7.0) for GRPO seeds 0
     and 1 (base 0.49); with 8 prompts a step the gain was unreliable (-0.020 to +0.048 in 20 steps)."""
     out = str(tmp_path / "grpo")
-    c = ranke.main(shapes_args(shapes_prepared, out, "--mode=policy_only", "--rounds=1", "--policy_steps=10",
+    c = ranke.main(shapes_args(shapes, out, "--mode=policy_only", "--rounds=1", "--policy_steps=10",
                                "--prompts_per_step=32", "--prompts_per_chunk=4", "--old_logprobs=sampler",
                                "--policy_lr=4e-4", "--seed=0", "--eval_every=0",
                                "--sample_every=0"))
-    prompts, n = read_prompts(f"{shapes_prepared}/prompts_heldout.txt"), 32
+    prompts, n = read_prompts(f"{shapes}/prompts_heldout.txt"), 32
     before = held_out_rewards(c, os.path.join(out, "round_0000"), prompts, n)
     after = held_out_rewards(c, os.path.join(out, "round_0001"), prompts, n)
     gain = (after - before).mean()

@@ -1,20 +1,25 @@
-"""Prepare the shapes world: its data and its base models, each of the same class as the real path,
-pretrained here on 2 CPU cores in a few minutes, and saved in the formats the real files come in.
+"""The shapes world: its data, and its base models shipped in base/ beside this file.
 
-  vq.pt          VQModel "VQ-micro" (32 x 32 px -> 8 x 8 codes), reconstruction + codebook + commitment
-  t5/            T5EncoderModel (tiny, random: a frozen text encoder) and a word-level tokenizer
+    python data/shapes/prepare.py [--out=out/shapes]    # the world from the shipped models: seconds
+    python data/shapes/prepare.py --train               # train the base models again into base/ (see base/MANIFEST.json)
+
+The base models are trained once (`--train`), committed with the sha256 of each file in
+base/MANIFEST.json, and checked against it whenever a world is written, so every machine evaluates
+the same base. Each is of the class the real path uses, and is written into the world in the format
+the real file comes in:
+
+  vq.pt          VQModel "VQ-micro" (64 x 64 px -> 16 x 16 codes, 512 of them), LlamaGen's {"model": ...}
+  t5/            a T5EncoderModel (tiny, random: a frozen text encoder) and a word-level tokenizer
   gpt.pt         GPT "GPT-micro", next-token prediction on the world's codes, captions dropped 10%
   clip.json/.pt  an open_clip CLIP (tiny), contrastive on the world's pairs: the reward
-  features.pt    an independent network (TorchScript, the Inception of the world) trained to count
-                 the objects in an image: its features give the FD analogue
-  reader.pt      micro GenEval's detector: the same network trained to count the objects of renders and
-                 of their reconstructions by vq.pt (the rule detector world.detect reads renders only)
+  features.pt    the world's Inception (TorchScript, called as clean-fid calls its own): a network trained
+                 on renders to read every object (how many of each kind; which kind covers each cell of an
+                 8 x 8 map: colour, shape, size, position), frozen; its features give the FD analogue
   prompts_train.txt, prompts_heldout.txt, specs.json, pairs.jsonl, heldout_pairs.jsonl, images/
   janus/         with --backbone=janus: a tiny Janus-Pro as a transformers folder (JanusForConditionalGeneration),
-                 its image-generation path trained like gpt.pt, its VQ the world's vq.pt, a word-level tokenizer
-
-    python data/shapes/prepare.py [--out=out/shapes] [--quick] [--backbone=janus]
+                 its image-generation path trained like gpt.pt, its VQ the world's vq.pt (trained here, not shipped)
 """
+import hashlib
 import json
 import math
 import os
@@ -31,26 +36,31 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import world  # noqa: E402
+from checkpoint import atomic_save, atomic_write, read_state_dict  # noqa: E402
 from model_ar import GPT, cached_t5_embed, gpt_config  # noqa: E402
 from model_janus import export_janus, load_janus, prompt_ids  # noqa: E402
 from model_vq import VQ_CONFIGS, VQModel, load_vq  # noqa: E402
 
+BASE = os.path.join(HERE, "base")
 CLIP_CONFIG = {"embed_dim": 64, "quick_gelu": False,
-               "vision_cfg": {"image_size": 32, "layers": 3, "width": 96, "head_width": 32, "patch_size": 4},
+               "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8},
                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
-STEPS = {"vq": 300, "gpt": 400, "clip": 150, "features": 200, "reader": 1500, "janus": 400}
+STEPS = {"vq": 2000, "gpt": 3000, "clip": 600, "features": 1500, "janus": 1500}
 JANUS_PROMPT_LEN = 24  # BOS, the template's 4 tokens, up to 8 words, the image-start token
-RENDERS_PER_PROMPT = 6  # the GPT's training set: this many renders of each training prompt, encoded once
+RENDERS_PER_PROMPT = 32  # the GPT's training set: this many renders of each training prompt, encoded once
+SHIPPED = ["vq.safetensors", "gpt.safetensors", "clip.json", "clip.safetensors", "features.safetensors",
+           "t5/config.json", "t5/model.safetensors", "t5/tokenizer.json",
+           "t5/tokenizer_config.json"]
 
 
 def images_of(specs, rng):
-    """Render specs -> B x 3 x 32 x 32 in [-1, 1]."""
+    """Render specs -> B x 3 x 64 x 64 in [-1, 1]."""
     x = np.stack([world.render(s, rng) for s in specs])
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def lr_at(step, total, lr):
-    return lr * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / total))
+    return lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total))
 
 
 def bar(it, desc):
@@ -60,8 +70,8 @@ def bar(it, desc):
 
 def train_vq(train, steps, rng):
     """The tokenizer's losses (L1 + L2 reconstruction, codebook, commitment 0.25) with the
-    straight-through estimator. For the first 80 steps, codes unused for 20 steps restart at latents
-    of the batch (without it most of the codebook dies and the world is drawn with a dozen codes)."""
+    straight-through estimator. Through the first 60% of training, codes unused for 25 steps restart at
+    latents of the batch (without it most of the codebook dies and the world is drawn with a few dozen)."""
     torch.manual_seed(0)
     vq = VQModel(VQ_CONFIGS["VQ-micro"])
     opt = torch.optim.Adam(vq.parameters(), 2e-3, betas=(0.5, 0.9))
@@ -74,7 +84,7 @@ def train_vq(train, steps, rng):
         flat = z.reshape(-1, z.shape[-1])
         codes = vq.quantize.nearest(flat).view(z.shape[:3])
         usage += torch.bincount(codes.flatten(), minlength=len(usage))
-        if step % 20 == 19 and step < 80:
+        if step % 25 == 24 and step < 0.6 * steps:
             dead = (usage == 0).nonzero().flatten()
             with torch.no_grad():
                 vq.quantize.embedding.weight[dead] = flat[torch.randint(len(flat), (len(dead),))].detach()
@@ -86,7 +96,7 @@ def train_vq(train, steps, rng):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return vq.eval()
+    return vq.eval(), loss.item()
 
 
 def tiny_t5(path):
@@ -113,11 +123,11 @@ def train_gpt(vq, train, cache, t5_path, steps, rng, renders, gpt=None, cond=Non
     ids = torch.arange(len(train)).repeat(renders)
     with torch.no_grad():
         codes = torch.cat([vq.encode(images_of([train[i] for i in ids[k:k + 256]], rng)) for k in range(0, len(ids), 256)])
-    opt = torch.optim.AdamW(gpt.parameters(), 3e-3, betas=(0.9, 0.95), weight_decay=0.05)
+    opt = torch.optim.AdamW(gpt.parameters(), 2e-3, betas=(0.9, 0.95), weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
     for step in bar(range(steps), f"policy ({type(gpt).__name__})"):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 3e-3)
+            group["lr"] = lr_at(step, steps, 2e-3)
         b = torch.randint(len(ids), (64,), generator=g)
         logits = gpt(codes[b], cond[ids[b]], mask[ids[b]], uncond=torch.rand(64, generator=g) < 0.1)
         loss = F.cross_entropy(logits.flatten(0, 1), codes[b].flatten())
@@ -128,22 +138,31 @@ def train_gpt(vq, train, cache, t5_path, steps, rng, renders, gpt=None, cond=Non
     return gpt.eval(), loss.item()
 
 
-def train_clip(out, train, steps, rng):
+def train_clip(folder, train, steps, rng):
+    """A tiny open_clip CLIP, contrastive on the world's pairs; half of each batch are hard negatives of
+    the other half (the same objects in another relation or size), or it learns the objects and not
+    where they are."""
     import open_clip
-    with open(os.path.join(out, "clip.json"), "w") as f:
-        json.dump(CLIP_CONFIG, f)
-    open_clip.add_model_config(os.path.join(out, "clip.json"))
+    open_clip.add_model_config(os.path.join(folder, "clip.json"))
     torch.manual_seed(0)
     model = open_clip.create_model("clip")
     tok = open_clip.get_tokenizer("clip")
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
     std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
     opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.1)
+    by_objects = {}
+    for s in train:
+        by_objects.setdefault(frozenset(map(tuple, s["objects"])), []).append(s)
     for step in bar(range(steps), "CLIP reward"):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 1e-3)
-        # distinct prompts in a batch, so each image has one right caption
-        specs = rng.sample(train, 96)
+        specs = rng.sample(train, 64)
+        seen = {s["prompt"] for s in specs}
+        for s in list(specs[:32]):
+            options = [o for o in by_objects[frozenset(map(tuple, s["objects"]))] if o["prompt"] not in seen]
+            if options:
+                specs.append(rng.choice(options))
+                seen.add(specs[-1]["prompt"])
         x = ((images_of(specs, rng) + 1) / 2 - mean) / std
         fi = F.normalize(model.encode_image(x), dim=-1)
         ft = F.normalize(model.encode_text(tok([s["prompt"] for s in specs])), dim=-1)
@@ -153,62 +172,67 @@ def train_clip(out, train, steps, rng):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    torch.save({"state_dict": model.state_dict()}, os.path.join(out, "clip.pt"))
-    return loss.item()
+    return model.eval(), loss.item()
+
+
+N_MAP = world.MAP_CELLS ** 2 * (1 + len(world.OBJECTS))
 
 
 class Features(nn.Module):
-    """The world's Inception: a small CNN trained to count each of the 15 kinds of object (0, 1, 2);
-    its pooled features give the FD analogue. forward(x in [0, 255], return_features) follows
-    clean-fid's TorchScript Inception call. The same network reads micro GenEval's counts (reader.pt)."""
+    """The world's Inception: a small CNN trained on renders to read every object through linear heads
+    -- the count (0, 1, 2) of each of the 15 kinds of object, and with n_map the kind covering each cell
+    of an 8 x 8 map (so colour, shape, size and position of every object). Its features, as Inception's
+    pool features are, average each ReLU map over the image: the six maps together (544-d) see both the
+    fine texture a decoder renders (the first maps) and what the objects are (the last). forward(x in
+    [0, 255], return_features) follows clean-fid's TorchScript Inception call."""
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 2, 1), nn.ReLU(),
-                                 nn.Conv2d(64, 64, 3, 2, 1), nn.ReLU(), nn.Conv2d(64, 128, 3, 2, 1), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(128, len(world.OBJECTS) * 3)
+        conv = lambda a, b, s: [nn.Conv2d(a, b, 3, s, 1), nn.ReLU()]
+        self.net = nn.Sequential(*conv(3, 32, 1), *conv(32, 64, 2), *conv(64, 64, 1), *conv(64, 128, 2),
+                                 *conv(128, 128, 2), *conv(128, 128, 2), nn.Flatten(), nn.Linear(128 * 16, 128))
+        self.head = nn.Linear(128, len(world.OBJECTS) * 3 + N_MAP)
 
     def forward(self, x, return_features: bool = True):
-        f = self.net(x / 127.5 - 1)
-        return f if return_features else self.head(f)
+        h, pooled = x / 127.5 - 1, []
+        for layer in self.net:
+            h = layer(h)
+            if isinstance(layer, nn.ReLU):
+                pooled.append(h.mean((2, 3)))
+        return torch.cat(pooled, 1) if return_features else self.head(F.relu(h))
+
+
+def read_loss(net, x, specs, maps):
+    """Cross-entropy of the counts (the rare counts of one and two weigh 5x the absent) and of the map."""
+    out = net((x + 1) * 127.5, False)
+    k = len(world.OBJECTS) * 3
+    y = torch.tensor([world.labels(s) for s in specs])
+    return F.cross_entropy(out[:, :k].reshape(-1, 3), y.flatten(), weight=torch.tensor([1.0, 5.0, 5.0])) + \
+        F.cross_entropy(out[:, k:].reshape(-1, 1 + len(world.OBJECTS)), maps.flatten())
 
 
 def train_features(train, steps, rng):
-    torch.manual_seed(0)
-    net = Features()
-    opt = torch.optim.AdamW(net.parameters(), 2e-3)
-    for step in bar(range(steps), "feature network"):
-        specs = rng.choices(train, k=64)
-        x = (images_of(specs, rng) + 1) * 127.5
-        y = torch.tensor([world.labels(s) for s in specs])
-        loss = F.cross_entropy(net(x, False).view(-1, 3), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return net.eval()
-
-
-def train_reader(vq, train, steps, rng):
-    """Micro GenEval's detector: per-object counts (0, 1, 2) of renders and, for half of each batch, of
-    their reconstructions by the world's tokenizer, so that it reads decoded images as well as real ones.
-    Batches weight the prompt kinds 1 : 1 : 4 (single : two of a kind : pair) and the counts 1 : 5 : 5,
-    or the rare counts of two and the varied pairs are never learned."""
+    """The feature network, on renders: the counts and the object map. Batches weight the prompt kinds
+    1 : 1 : 4 (single : two of a kind : pair), or the rare counts of two are never learned."""
     torch.manual_seed(0)
     net = Features()
     opt = torch.optim.AdamW(net.parameters(), 2e-3)
     by_kind = [[s for s in train if s["kind"] == k] for k in ("single", "two", "pair")]
-    for step in bar(range(steps), "micro GenEval reader"):
+    for step in bar(range(steps), "feature network"):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, 2e-3)
         specs = [rng.choice(by_kind[min(k % 6, 2)]) for k in range(64)]
-        x = images_of(specs, rng)
-        with torch.no_grad():
-            x[32:] = vq.decode(vq.encode(x[32:])).clamp(-1, 1)
-        y = torch.tensor([world.labels(s) for s in specs])
-        loss = F.cross_entropy(net((x + 1) * 127.5, False).view(-1, 3), y.flatten(), weight=torch.tensor([1.0, 5.0, 5.0]))
+        layouts = [world.layout(s, rng) for s in specs]
+        x = torch.from_numpy(np.stack([world.draw(o) for o in layouts])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        loss = read_loss(net, x, specs, torch.from_numpy(np.stack([world.object_map(o) for o in layouts])))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    return net.eval(), loss.item()
+
+
+def load_features(path):
+    net = Features()
+    net.load_state_dict(read_state_dict(path))
     return net.eval()
 
 
@@ -224,7 +248,7 @@ def save_pairs(specs, rng, out, name, copies):
     os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
 
 
-def janus_base(path, words, image_size=32, dim=96, n_layer=3, seed=0, std=None):
+def janus_base(path, words, image_size=64, dim=96, n_layer=3, seed=0, std=None):
     """A random transformers Janus-Pro of the world's sizes, saved as its converted checkpoint is: config,
     weights, a word-level tokenizer with Janus's special tokens, and the generation config that names
     them. The VQ has VQ-micro's shapes (4x down: image_size / 4 squared codes); the vision tower, which
@@ -244,7 +268,7 @@ def janus_base(path, words, image_size=32, dim=96, n_layer=3, seed=0, std=None):
     vq = VQ_CONFIGS["VQ-micro"]
     cfg = JanusConfig(
         text_config=LlamaConfig(vocab_size=len(vocab), hidden_size=dim, intermediate_size=256, num_hidden_layers=n_layer,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                                 pad_token_id=0, bos_token_id=1).to_dict(),
         vision_config=JanusVisionConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
                                         patch_size=4, projection_dim=dim, mlp_ratio=2.0,
@@ -282,69 +306,136 @@ def prepare_janus(out, steps, seed, renders):
     return loss
 
 
-def prepare(out="out/shapes", quick=False, seed=0, steps=None, backbone="llamagen"):
-    """Build the world in `out` unless it is there already (READY marks a complete preparation), and
-    with backbone="janus" its Janus (janus/, added to a prepared world). quick: 4 steps of each model
-    (the CI smoke world); steps: per-model overrides of STEPS."""
-    steps = {**{k: (4 if quick else v) for k, v in STEPS.items()}, **(steps or {})}
-    if os.path.isfile(os.path.join(out, "READY")):
-        print(f"the shapes world is prepared already in {out}: reusing it")
-        if not os.path.isfile(os.path.join(out, "reader.pt")):  # a world prepared before the reader existed
-            t0 = time.time()
-            train = world.split(seed)[0]
-            reader = train_reader(load_vq(os.path.join(out, "vq.pt"), "VQ-micro"), train, steps["reader"], random.Random(seed + 2))
-            torch.jit.save(torch.jit.script(reader), os.path.join(out, "reader.pt"))
-            print(f"added micro GenEval's reader to {out} ({time.time() - t0:.0f} s)")
-        if backbone == "janus" and not os.path.isdir(os.path.join(out, "janus")):
-            t0 = time.time()
-            loss = prepare_janus(out, steps["janus"], seed, 1 if quick else RENDERS_PER_PROMPT)
-            print(f"prepared its Janus in {out}/janus ({time.time() - t0:.0f} s): loss {loss:.3f}")
-        return
-    os.makedirs(out, exist_ok=True)
-    times, t0 = {}, time.time()
+# ---------------------------------------------------------------- the shipped base models
+
+
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def train_base(base=BASE, steps=None, seed=0, only=None):
+    """Train the base models (all, or those named in `only`; the others are read from base/) and write
+    them with MANIFEST.json: each file's sha256, the steps, final losses and seconds."""
+    steps = {**STEPS, **(steps or {})}
+    os.makedirs(os.path.join(base, "t5"), exist_ok=True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    manifest_path = os.path.join(base, "MANIFEST.json")
+    manifest = json.load(open(manifest_path)) if os.path.isfile(manifest_path) else {}
+    log = manifest.get("training", {})
+    train, _ = world.split(seed)
+    todo = only or ["t5", "vq", "gpt", "clip", "features"]
+    def timed(name, fn):
+        t0 = time.time()
+        loss = fn()
+        log[name] = {"steps": steps.get(name), "final_loss": loss, "seconds": round(time.time() - t0, 1)}
+        print(f"{name}: {log[name]}", flush=True)
+    rng = lambda k: random.Random(1000 * seed + k)  # each model its own draws: retraining one leaves the rest
+    if "t5" in todo:
+        timed("t5", lambda: tiny_t5(os.path.join(base, "t5")))
+    if "vq" in todo:
+        def vq_job():
+            vq, loss = train_vq(train, steps["vq"], rng(0))
+            atomic_save(vq.state_dict(), os.path.join(base, "vq.safetensors"))
+            return loss
+        timed("vq", vq_job)
+    vq = load_vq(os.path.join(base, "vq.safetensors"), "VQ-micro")
+    if "gpt" in todo:
+        def gpt_job():
+            cache = os.path.join(base, "t5_cache.tmp.safetensors")
+            gpt, loss = train_gpt(vq, train, cache, os.path.join(base, "t5"), steps["gpt"], rng(2), RENDERS_PER_PROMPT)
+            os.remove(cache)
+            atomic_save(gpt.state_dict(), os.path.join(base, "gpt.safetensors"))
+            return loss
+        timed("gpt", gpt_job)
+    if "clip" in todo:
+        def clip_job():
+            atomic_write(os.path.join(base, "clip.json"), json.dumps(CLIP_CONFIG))
+            model, loss = train_clip(base, train, steps["clip"], rng(3))
+            atomic_save(model.state_dict(), os.path.join(base, "clip.safetensors"))
+            return loss
+        timed("clip", clip_job)
+    if "features" in todo:
+        def features_job():
+            net, loss = train_features(train, steps["features"], rng(4))
+            atomic_save(net.state_dict(), os.path.join(base, "features.safetensors"))
+            return loss
+        timed("features", features_job)
+    manifest = {"files": {f: sha256(os.path.join(base, f)) for f in SHIPPED if os.path.isfile(os.path.join(base, f))},
+                "training": log,
+                "torch": torch.__version__}
+    atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
+
+
+def check_base(base=BASE):
+    """The shipped files, each against its sha256 in MANIFEST.json; returns the manifest's own sha256."""
+    path = os.path.join(base, "MANIFEST.json")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} not found: the shapes world's base models are missing from this checkout "
+                         f"(train them with python data/shapes/prepare.py --train)")
+    files = json.load(open(path))["files"]
+    for name, digest in files.items():
+        f = os.path.join(base, name)
+        if not os.path.isfile(f) or sha256(f) != digest:
+            raise SystemExit(f"{f} is missing or differs from its sha256 in {path}: restore it from the "
+                             f"repository (git checkout -- {os.path.relpath(f)}) or retrain with --train")
+    return sha256(path)
+
+
+def write_world(out="out/shapes", base=BASE, seed=0):
+    """The world in `out` from the shipped base models: the data (deterministic renders) and the models
+    in their official formats. Done once; READY names the manifest it was written from, so a checkout
+    with other base models writes the world again."""
+    stamp = check_base(base)
+    ready = os.path.join(out, "READY")
+    if os.path.isfile(ready) and json.load(open(ready)).get("manifest_sha256") == stamp:
+        return False
+    t0 = time.time()
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     train, held = world.split(seed)
     rng = random.Random(seed)
-    with open(os.path.join(out, "prompts_train.txt"), "w") as f:
+    with open(os.path.join(tmp, "prompts_train.txt"), "w") as f:
         f.write("\n".join(s["prompt"] for s in train) + "\n")
-    with open(os.path.join(out, "prompts_heldout.txt"), "w") as f:
+    with open(os.path.join(tmp, "prompts_heldout.txt"), "w") as f:
         f.write("\n".join(s["prompt"] for s in held) + "\n")
-    with open(os.path.join(out, "specs.json"), "w") as f:
+    with open(os.path.join(tmp, "specs.json"), "w") as f:
         json.dump({s["prompt"]: s for s in world.all_specs()}, f)
-    save_pairs(train, rng, out, "pairs.jsonl", 1)  # real images for Stage 2
-    save_pairs(held, rng, out, "heldout_pairs.jsonl", 4)  # real images of held-out prompts for eval
-    times["data"] = time.time() - t0
-    t = time.time()
-    tiny_t5(os.path.join(out, "t5"))
-    vq = train_vq(train, steps["vq"], rng)
-    torch.save({"model": vq.state_dict()}, os.path.join(out, "vq.pt"))
-    times["vq"] = time.time() - t
-    t = time.time()
-    gpt, gpt_loss = train_gpt(vq, train, os.path.join(out, "t5_cache.safetensors"), os.path.join(out, "t5"),
-                              steps["gpt"], rng, 1 if quick else RENDERS_PER_PROMPT)
-    torch.save({"model": gpt.state_dict()}, os.path.join(out, "gpt.pt"))
-    times["gpt"] = time.time() - t
-    t = time.time()
-    clip_loss = train_clip(out, train, steps["clip"], rng)
-    times["clip"] = time.time() - t
-    t = time.time()
-    torch.jit.save(torch.jit.script(train_features(train, steps["features"], rng)), os.path.join(out, "features.pt"))
-    times["features"] = time.time() - t
-    t = time.time()
-    torch.jit.save(torch.jit.script(train_reader(vq, train, steps["reader"], rng)), os.path.join(out, "reader.pt"))
-    times["reader"] = time.time() - t
-    with torch.no_grad():
-        x = images_of(rng.choices(train, k=64), rng)
-        rec = F.l1_loss(vq.decode(vq.encode(x)), x).item()
-    summary = {"seconds": {k: round(v, 1) for k, v in times.items()}, "vq_l1": rec, "gpt_loss": gpt_loss,
-               "clip_loss": clip_loss, "quick": quick, "steps": steps}
-    with open(os.path.join(out, "READY"), "w") as f:
-        json.dump(summary, f)
-    print(f"prepared the shapes world in {out} ({time.time() - t0:.0f} s): {json.dumps(summary)}")
-    if backbone == "janus":
-        prepare(out, quick, seed, steps, backbone)
+    save_pairs(train, rng, tmp, "pairs.jsonl", 1)  # real images for Stage 2
+    save_pairs(held, rng, tmp, "heldout_pairs.jsonl", 8)  # real images of held-out prompts for eval
+    shutil.copytree(os.path.join(base, "t5"), os.path.join(tmp, "t5"))
+    shutil.copy(os.path.join(base, "clip.json"), os.path.join(tmp, "clip.json"))
+    torch.save({"model": read_state_dict(os.path.join(base, "vq.safetensors"))}, os.path.join(tmp, "vq.pt"))
+    torch.save({"model": read_state_dict(os.path.join(base, "gpt.safetensors"))}, os.path.join(tmp, "gpt.pt"))
+    torch.save({"state_dict": read_state_dict(os.path.join(base, "clip.safetensors"))}, os.path.join(tmp, "clip.pt"))
+    net = load_features(os.path.join(base, "features.safetensors"))
+    torch.jit.save(torch.jit.script(net), os.path.join(tmp, "features.pt"))
+    with open(os.path.join(tmp, "READY"), "w") as f:
+        json.dump({"manifest_sha256": stamp, "seconds": round(time.time() - t0, 1)}, f)
+    os.replace(tmp, out)
+    return True
+
+
+def prepare(out="out/shapes", seed=0, backbone="llamagen"):
+    """The world in `out` (written from base/ unless it is there already), and with backbone="janus"
+    its Janus (janus/, trained on the world's codes)."""
+    t0 = time.time()
+    if write_world(out, BASE, seed):
+        print(f"wrote the shapes world into {out} from {os.path.relpath(BASE)} ({time.time() - t0:.0f} s)")
+    if backbone == "janus" and not os.path.isdir(os.path.join(out, "janus")):
+        t0 = time.time()
+        loss = prepare_janus(out, STEPS["janus"], seed, RENDERS_PER_PROMPT)
+        print(f"prepared its Janus in {out}/janus ({time.time() - t0:.0f} s): loss {loss:.3f}")
 
 
 if __name__ == "__main__":
     args = dict(a[2:].split("=", 1) if "=" in a else (a[2:], True) for a in sys.argv[1:])
-    prepare(args.get("out", "out/shapes"), bool(args.get("quick", False)), backbone=args.get("backbone", "llamagen"))
+    if args.get("train"):
+        only = args["only"].split(",") if "only" in args else None
+        train_base(only=only)
+    prepare(args.get("out", "out/shapes"), backbone=args.get("backbone", "llamagen"))

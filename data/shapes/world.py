@@ -1,23 +1,29 @@
-"""The shapes world: captioned 32 x 32 images of coloured shapes, generated deterministically.
+"""The shapes world: captioned 64 x 64 images of coloured shapes, generated deterministically.
 
 Prompts name what an image can get wrong -- colour, shape, count, size, position and two-object
 compositions ("a red circle above a blue square"). Every prompt has a spec that says exactly what a
-correct image holds, so the world can render images for it and score images against it.
+correct image holds, so the world can render images for it and score images against it. Shapes are
+drawn anti-aliased (4 x 4 samples a pixel), so their edges hold the in-between colours a VQ decoder
+must get right, as real images do.
 """
 import itertools
 import random
 
 import numpy as np
 
-SIZE = 32
+SIZE = 64
+SUPERSAMPLE = 4  # samples per pixel side: anti-aliased edges
+BACKGROUND = (24, 24, 24)
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40),
           "white": (235, 235, 235)}
 SHAPES = ["circle", "square", "triangle"]
 RELATIONS = {"above": (0, -1), "below": (0, 1), "left of": (-1, 0), "right of": (1, 0)}
-RADIUS = {"small": 4, "": 6, "big": 9}
+RADIUS = {"small": 7, "": 11, "big": 16}
+PAIR_RADIUS = 9  # the objects of 'two' and 'pair' prompts
 OBJECTS = [(c, s) for c in COLORS for s in SHAPES]  # 15 kinds of object
 WORDS = sorted({"a", "two", "small", "big", "above", "below", "left", "right", "of", *COLORS, *SHAPES,
                 *(s + "s" for s in SHAPES)})
+MAP_CELLS = 8  # object_map's grid: 8 x 8 cells of 8 x 8 px
 
 
 def all_specs():
@@ -44,8 +50,8 @@ def caption(spec):
 
 def split(seed=0):
     """(train specs, held-out specs). A fifth of the two-object compositions, chosen by their pair of
-    objects (so in no relation), never appear in training; the held-out set is those plus a sample
-    of trained prompts."""
+    objects (so in no relation), never appear in training; the held-out set is 48 of those plus 16
+    trained single-object and two-of-a-kind prompts."""
     specs = all_specs()
     pairs = sorted({tuple(s["objects"]) for s in specs if s["kind"] == "pair"})
     rnd = random.Random(seed)
@@ -56,59 +62,83 @@ def split(seed=0):
     return train, held
 
 
-def shape_mask(shape, cx, cy, r):
-    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+def layout(spec, rng):
+    """Where the spec's objects go: [(colour, shape, cx, cy, r)], placed by rng (random.Random)."""
+    S = SIZE
+    if spec["kind"] == "single":
+        r = RADIUS[spec["size"]]
+        centres = [(rng.uniform(r + 2, S - r - 2), rng.uniform(r + 2, S - r - 2))]
+    elif spec["kind"] == "two":  # side by side or one over the other, apart
+        r = PAIR_RADIUS
+        a, b, b2 = rng.uniform(12, 20), rng.uniform(12, S - 12), rng.uniform(12, S - 12)
+        centres = [(a, b), (S - a, b2)] if rng.random() < 0.5 else [(b, a), (b2, S - a)]
+    else:  # the first object is `relation` the second: apart along the relation's axis
+        r = PAIR_RADIUS
+        dx, dy = RELATIONS[spec["relation"]]
+        lo, hi = rng.uniform(12, 20), rng.uniform(44, 52)
+        j1, j2 = rng.uniform(16, 48), rng.uniform(16, 48)
+        if dx:
+            centres = [(lo, j1), (hi, j2)] if dx < 0 else [(hi, j1), (lo, j2)]
+        else:
+            centres = [(j1, lo), (j2, hi)] if dy < 0 else [(j1, hi), (j2, lo)]
+    return [(c, s, cx, cy, r) for (c, s), (cx, cy) in zip(spec["objects"], centres)]
+
+
+def coverage(shape, cx, cy, r):
+    """SIZE x SIZE: the fraction of each pixel the shape covers (4 x 4 samples a pixel)."""
+    n = SIZE * SUPERSAMPLE
+    y, x = (np.mgrid[0:n, 0:n] + 0.5) / SUPERSAMPLE
     if shape == "circle":
-        return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
-    if shape == "square":
-        return (abs(x - cx) <= r * 0.85) & (abs(y - cy) <= r * 0.85)
-    # triangle, apex up: inside if below the two slanted edges and above the base
-    return (y <= cy + r * 0.8) & (y >= cy - r) & (abs(x - cx) <= (y - (cy - r)) * 0.55)
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= r * r
+    elif shape == "square":
+        inside = (abs(x - cx) <= r * 0.85) & (abs(y - cy) <= r * 0.85)
+    else:  # triangle, apex up: below the two slanted edges and above the base
+        inside = (y <= cy + r * 0.8) & (y >= cy - r) & (abs(x - cx) <= (y - (cy - r)) * 0.55)
+    return inside.reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE).mean((1, 3))
+
+
+def draw(objects):
+    """A SIZE x SIZE x 3 uint8 image of laid-out objects, each blended over what is below by its coverage."""
+    img = np.empty((SIZE, SIZE, 3))
+    img[:] = BACKGROUND
+    for color, shape, cx, cy, r in objects:
+        a = coverage(shape, cx, cy, r)[..., None]
+        img = img * (1 - a) + np.array(COLORS[color]) * a
+    return np.floor(img + 0.5).astype(np.uint8)
 
 
 def render(spec, rng):
-    """A 32 x 32 x 3 uint8 image of the spec; rng (random.Random) places the objects."""
-    img = np.full((SIZE, SIZE, 3), 24, np.uint8)
-    if spec["kind"] == "single":
-        r = RADIUS[spec["size"]]
-        centres = [(rng.uniform(r + 1, SIZE - r - 1), rng.uniform(r + 1, SIZE - r - 1))]
-        radii = [r]
-    elif spec["kind"] == "two":  # side by side or one over the other, apart
-        r = 5
-        a = rng.uniform(7, 10)
-        b = rng.uniform(7, 25)
-        centres = [(a, b), (SIZE - a, rng.uniform(7, 25))] if rng.random() < 0.5 else [(b, a), (rng.uniform(7, 25), SIZE - a)]
-        radii = [r, r]
-    else:  # the first object is `relation` the second: offset along the relation's axis
-        r = 5
-        dx, dy = RELATIONS[spec["relation"]]
-        lo, hi = rng.uniform(6, 10), rng.uniform(22, 26)
-        j1, j2 = rng.uniform(8, 24), rng.uniform(8, 24)
-        first, second = (lo, j1), (hi, j2)
-        if dx:
-            centres = [first, second] if dx < 0 else [second, first]
-        else:
-            centres = [(j1, lo), (j2, hi)] if dy < 0 else [(j1, hi), (j2, lo)]
-        radii = [r, r]
-    for (color, shape), (cx, cy), r in zip(spec["objects"], centres, radii):
-        img[shape_mask(shape, cx, cy, r)] = COLORS[color]
-    return img
+    """A 64 x 64 x 3 uint8 image of the spec; rng (random.Random) places the objects."""
+    return draw(layout(spec, rng))
 
 
 def labels(spec):
-    """Per-object counts (15 kinds, 0..2), the targets of the world's attribute network."""
+    """Per-object counts (15 kinds, 0..2): what micro GenEval's reader reads."""
     counts = [0] * len(OBJECTS)
     for o in spec["objects"]:
         counts[OBJECTS.index(tuple(o))] += 1
     return counts
 
 
+def object_map(objects):
+    """MAP_CELLS x MAP_CELLS: in each cell, 1 + the kind of object that covers most of it (if over a
+    third), else 0 (background). With the counts, the feature network's task: every object's colour,
+    shape, size, position and number."""
+    k = SIZE // MAP_CELLS
+    best, out = np.zeros((MAP_CELLS, MAP_CELLS)), np.zeros((MAP_CELLS, MAP_CELLS), np.int64)
+    for color, shape, cx, cy, r in objects:
+        cov = coverage(shape, cx, cy, r).reshape(MAP_CELLS, k, MAP_CELLS, k).mean((1, 3))
+        win = (cov > best) & (cov > 1 / 3)
+        out[win], best = 1 + OBJECTS.index((color, shape)), np.maximum(best, cov)
+    return out
+
+
 def detect(img):
     """The objects in an image, by rule: each pixel takes its nearest palette colour (or the
-    background), 4-connected regions of a colour are objects (specks under 12 px are ignored), and an
+    background), 4-connected regions of a colour are objects (specks under 40 px are ignored), and an
     object's shape is read from how much of its bounding box it fills (square ~1, circle ~0.79,
-    triangle ~0.5). Right on 99.9% of the world's renders; returns per-object counts (capped at 2)."""
-    palette = np.array([*COLORS.values(), (24, 24, 24)])
+    triangle ~0.5). Right on the world's renders; returns per-object counts (capped at 2)."""
+    palette = np.array([*COLORS.values(), BACKGROUND])
     label = ((img[:, :, None].astype(int) - palette) ** 2).sum(-1).argmin(-1)
     counts = [0] * len(OBJECTS)
     seen = np.zeros(label.shape, bool)
@@ -124,7 +154,7 @@ def detect(img):
                 if 0 <= v < SIZE and 0 <= u < SIZE and not seen[v, u] and label[v, u] == colour:
                     seen[v, u] = True
                     stack.append((v, u))
-        if len(pixels) < 12:
+        if len(pixels) < 40:
             continue
         ys, xs = np.array(pixels).T
         fill = len(pixels) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
