@@ -59,7 +59,7 @@ eval_hps_benchmark = ""  # a folder of the HPSv2 benchmark's style files (anime.
 #                          photo.json: lists of prompts): with eval_hps_weights, HPSv2 per style and averaged
 eval_n_per_prompt = 4
 eval_batch_size = 64
-eval_cfg_scale = 4.0  # LlamaGen's COCO protocol: 7.5, top-k 1000, top-p 1.0, temperature 1.0
+eval_cfg_scale = 1.5  # the shapes world (docs/shapes_world.md); LlamaGen's COCO protocol: 7.5, top-k 1000, top-p 1.0, temperature 1.0
 eval_temperature = 1.0
 eval_top_k = 0
 eval_top_p = 1.0
@@ -426,7 +426,7 @@ def decoder_fidelity(c, rc, d, ref, net, base_vq):
         os.makedirs(out, exist_ok=True)
         for i in range(0, len(paths), 64):
             with torch.no_grad(), common.autocast(c):
-                images = vq.decode(ref["codes"][i:i + 64].to(rc.device)).float().clamp(-1, 1)
+                images = vq.decode(ref["codes"][i:min(i + 64, len(paths))].to(rc.device)).float().clamp(-1, 1)
             for k, img in enumerate(images):
                 save_grid(img[None], names[i + k], 1)
     err = torch.cat([(x - y).abs().flatten(1).mean(1) for x, y in zip(image_batches(names, rc.image_size),

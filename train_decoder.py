@@ -51,7 +51,8 @@ disc_fakes = "policy"  # the discriminator's fakes: 'policy' (the decodings Rank
 rec_gan = False  # L_rec gains the tokenizer's GAN term on its reconstructions, with VQGAN's adaptive weight (the release)
 gen_loss = "hinge"  # generator side of the GAN: 'hinge' | 'non_saturating'
 lambda_bp = 0.1  # Eq. 5 (r); 0 for a black-box reward
-lambda_gan = 0.5  # Eq. 6 (r)
+lambda_gan = 0.1  # Eq. 6; the paper: 0.5 (r), config/llamagen_xl_clip.py. On the shapes world 0.5 lets the discriminator win
+#                  and the decoder drift (held-out rec_L1 +73% in 10 rounds; docs/shapes_world.md)
 lambda_rec = 1.0  # Eq. 7 (r)
 lambda_cons = 1.0  # Eq. 8 (r); 10 drifts, 50 collapses the decoder
 cons_kind = "mse"  # L_cons: 'mse' (Eq. 8) | 'lpips' (the release; needs lpips_vgg / lpips_lin)

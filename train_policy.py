@@ -44,7 +44,7 @@ beta = 0.05  # KL coefficient
 ref_decay = 0.99  # EMA decay of pi_ref (r); 1.0 = a fixed copy of the base policy (the release)
 ref_update_every = 1  # policy updates between pi_ref's EMA updates
 kl_estimator = "k3"  # 'k3' q/p - log(q/p) - 1 (the paper) | 'k2' (log p - log q)^2 / 2 (the release)
-cfg_scale = 4.0  # CFG during rollouts; LlamaGen-XL: 7.5 (r)
+cfg_scale = 1.5  # CFG during rollouts; LlamaGen-XL: 7.5 (r). GPT-micro: above 2, its codes leave the real ones (docs/shapes_world.md)
 temperature = 1.0
 top_k = 0
 top_p = 0.9
