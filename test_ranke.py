@@ -1705,7 +1705,7 @@ def test_eight_ranks_run_the_defaults_and_match_one_process(shapes, tmp_path):
     assert_same_run(one, eight, (1,), 1e-5)
 
 
-def held_out_rewards(c, d, prompts, n, seed=123):
+def prompt_rewards(c, d, prompts, n, seed=123):
     """R(x, c) of n samples per prompt from round folder d (fixed seed): len(prompts) x n."""
     policy, vq = load_round(c, d)
     reward = run_reward(c)
@@ -1735,8 +1735,8 @@ def test_short_grpo_raises_the_reward_of_its_prompts(shapes, tmp_path):
                                "--prompts_per_chunk=4", "--old_logprobs=sampler", "--policy_lr=2e-4",
                                "--seed=0", "--eval_every=0", "--sample_every=0"))
     n = 128
-    before = held_out_rewards(c, os.path.join(out, "round_0000"), prompts, n)
-    after = held_out_rewards(c, os.path.join(out, "round_0001"), prompts, n)
+    before = prompt_rewards(c, os.path.join(out, "round_0000"), prompts, n)
+    after = prompt_rewards(c, os.path.join(out, "round_0001"), prompts, n)
     gain = (after - before).mean()
     se = ((before.var(1) + after.var(1)).sum() / n).sqrt() / len(prompts)  # SE of the difference of the means
     assert gain > 3 * se, f"reward {before.mean():.4f} -> {after.mean():.4f}: gain {gain:.4f}, SE {se:.4f}"
