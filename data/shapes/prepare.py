@@ -336,12 +336,12 @@ def train_base(base=BASE, steps=None, seed=0, only=None):
     rng = lambda k: random.Random(1000 * seed + k)  # each model its own draws: retraining one leaves the rest
     if "t5" in todo:
         timed("t5", lambda: tiny_t5(os.path.join(base, "t5")))
+    def saved(name, train_fn):  # train, write base/<name>.safetensors, give the final loss
+        model, loss = train_fn()
+        atomic_save(model.state_dict(), os.path.join(base, f"{name}.safetensors"))
+        return loss
     if "vq" in todo:
-        def vq_job():
-            vq, loss = train_vq(train, steps["vq"], rng(0))
-            atomic_save(vq.state_dict(), os.path.join(base, "vq.safetensors"))
-            return loss
-        timed("vq", vq_job)
+        timed("vq", lambda: saved("vq", lambda: train_vq(train, steps["vq"], rng(0))))
     vq = load_vq(os.path.join(base, "vq.safetensors"), "VQ-micro")
     if "gpt" in todo:
         def gpt_job():
@@ -352,18 +352,10 @@ def train_base(base=BASE, steps=None, seed=0, only=None):
             return loss
         timed("gpt", gpt_job)
     if "clip" in todo:
-        def clip_job():
-            atomic_write(os.path.join(base, "clip.json"), json.dumps(CLIP_CONFIG))
-            model, loss = train_clip(base, train, steps["clip"], rng(3))
-            atomic_save(model.state_dict(), os.path.join(base, "clip.safetensors"))
-            return loss
-        timed("clip", clip_job)
+        atomic_write(os.path.join(base, "clip.json"), json.dumps(CLIP_CONFIG))
+        timed("clip", lambda: saved("clip", lambda: train_clip(base, train, steps["clip"], rng(3))))
     if "features" in todo:
-        def features_job():
-            net, loss = train_features(train, steps["features"], rng(4))
-            atomic_save(net.state_dict(), os.path.join(base, "features.safetensors"))
-            return loss
-        timed("features", features_job)
+        timed("features", lambda: saved("features", lambda: train_features(train, steps["features"], rng(4))))
     manifest = {"files": {f: sha256(os.path.join(base, f)) for f in SHIPPED if os.path.isfile(os.path.join(base, f))},
                 "training": log,
                 "torch": torch.__version__}
