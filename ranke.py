@@ -218,6 +218,12 @@ def log_line(rnd, m):
     return f"round {rnd} | " + " | ".join(parts + times)
 
 
+def eta(elapsed, done, left):
+    """The run's time left, from the mean time of the rounds done so far (their evaluations included)."""
+    sec = round(elapsed / done * left)
+    return f"{sec // 3600}h{sec // 60 % 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -306,6 +312,7 @@ def main(argv=None, **forced):
     handover = os.path.join(c.out_dir, "handover")  # this round's rollouts and decoder, for the other stage
     rollouts_file, decoder_file = os.path.join(handover, "rollouts.safetensors"), os.path.join(handover, "decoder.safetensors")
     os.makedirs(handover, exist_ok=True)
+    run_t0 = time.time()
     for rnd in range(start + 1, c.rounds + 1):
         t0 = time.time()
         if c.mode == "sft":
@@ -328,7 +335,7 @@ def main(argv=None, **forced):
             m["round_time_s"] = time.time() - t0
             rewards[rnd] = m.get("reward")
             log_metrics(c.out_dir, {"round": rnd, "time": time.time(), **m})
-            print(log_line(rnd, m), flush=True)
+            print(log_line(rnd, m) + f" | eta {eta(time.time() - run_t0, rnd - start, c.rounds - rnd)}", flush=True)
         barrier(world)
         if evaluated:
             evals[rnd] = evaluate(c, rnd, rank, world)

@@ -1620,6 +1620,12 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
     assert results[out][2]["FD"] == m["FD"] and "reward" in results[out][2]
 
 
+def test_round_line_eta_by_hand():
+    """Time left = the mean round so far x the rounds left: 2 rounds in 100 s, 3 left -> 150 s; 7 rounds
+    left at 10 min a round -> 70 min."""
+    assert ranke.eta(100.0, 2, 3) == "2m30s" and ranke.eta(6000.0, 10, 7) == "1h10m" and ranke.eta(5.0, 1, 0) == "0m00s"
+
+
 def test_study_paired_difference_by_hand():
     """RankE minus Std. RL seed by seed: differences -3, -2, -4 -> mean -3, SE 1 / sqrt 3, and the 95%
     t-interval on 2 degrees of freedom, t = 4.3027 (the table's value): -3 -+ 2.484."""
