@@ -24,6 +24,7 @@ sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import world  # noqa: E402
 from prepare import BASE, images_of, prepare  # noqa: E402
 from eval import frechet, gaussian, image_features  # noqa: E402
+from checkpoint import atomic_write  # noqa: E402
 from common import save_grid  # noqa: E402
 from model_vq import load_vq  # noqa: E402
 
@@ -121,5 +122,4 @@ def main(out="out/shapes", draws=8):
 if __name__ == "__main__":
     args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
     report, text = main(args.get("out", "out/shapes"), int(args.get("draws", 8)))
-    with open(os.path.join(BASE, "CHECK.md"), "w") as f:
-        f.write(text)
+    atomic_write(os.path.join(BASE, "CHECK.md"), text)

@@ -113,7 +113,7 @@ def render(spec, rng):
 
 
 def labels(spec):
-    """Per-object counts (15 kinds, 0..2): what micro GenEval's reader reads."""
+    """Per-object counts (15 kinds, 0..2): what world.detect returns and the feature network learns to count."""
     counts = [0] * len(OBJECTS)
     for o in spec["objects"]:
         counts[OBJECTS.index(tuple(o))] += 1
