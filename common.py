@@ -161,16 +161,26 @@ def init_dist(device):
     return rank, world, device
 
 
-def all_reduce_grads(params, world):
-    """Average gradients over ranks in one flat all-reduce (plain DDP without the wrapper, which
-    would hide the model's attributes that the sampler reads)."""
+def all_reduce_grads(params, world, bucket=2 ** 25):
+    """Average gradients over ranks (plain DDP without the wrapper, which would hide the model's
+    attributes that the sampler reads), in flat buckets of about `bucket` elements: one all-reduce a
+    bucket, and only a bucket's copy of the gradients in memory at a time."""
     if world == 1:
         return
-    params = [p for p in params if p.grad is not None]
-    flat = torch.cat([p.grad.flatten() for p in params]) / world
-    dist.all_reduce(flat)
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad.copy_(g.view_as(p))
+    buckets, size = [[]], 0
+    for p in params:
+        if p.grad is None:
+            continue
+        if buckets[-1] and size + p.numel() > bucket:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel()
+    for group in filter(None, buckets):
+        flat = torch.cat([p.grad.flatten() for p in group]).div_(world)
+        dist.all_reduce(flat)
+        for p, g in zip(group, flat.split([p.numel() for p in group])):
+            p.grad.copy_(g.view_as(p))
 
 
 def all_gather(t, world):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from checkpoint import atomic_save, load_exact, read_state_dict
 
@@ -172,6 +173,18 @@ def attention_mask(cond_mask, length):
     return ((causal & keep[:, None, :]) | eye)[:, None]
 
 
+def run_layers(layers, h, rope, mask, recompute=False):
+    """The teacher-forced blocks in order. With `recompute` (activation checkpointing, while autograd
+    records) a block keeps only its input for the backward and runs again there: one more forward of
+    compute for the memory of one block's activations instead of all of them."""
+    for layer in layers:
+        if recompute and torch.is_grad_enabled():
+            h = torch.utils.checkpoint.checkpoint(layer, h, rope, mask, use_reentrant=False)
+        else:
+            h = layer(h, rope, mask)
+    return h
+
+
 class GPT(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -189,6 +202,7 @@ class GPT(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.output.weight)
+        self.grad_checkpoint = False  # activation checkpointing of the teacher-forced forward (train_policy's switch)
 
     # -- what generate() and token_logprobs() ask of a policy (model_janus.JanusPolicy answers the same) --
     def embed_caption(self, cond):
@@ -219,8 +233,7 @@ class GPT(nn.Module):
         L = h.shape[1]
         mask, rope = attention_mask(cond_mask, L), self.rope[:L]
         h = self.tok_dropout(h)
-        for layer in self.layers:
-            h = layer(h, rope, mask)
+        h = run_layers(self.layers, h, rope, mask, self.grad_checkpoint)
         return self.output(self.norm(h[:, C - 1:])).float()
 
     # -- static KV cache (gpt-fast) --
@@ -279,13 +292,18 @@ def filter_keep(z, top_k, top_p):
 
 def sample(logits, temperature, top_k, top_p, generator=None):
     """One token per row from B x V logits, and its log-prob under the distribution that drew it.
-    temperature 0 is greedy (log-prob 0: a point mass)."""
+    temperature 0 is greedy (log-prob 0: a point mass). `generator` may be a list: one stream for each
+    equal share of the rows, so that a batch of rollout chunks draws what each chunk alone would."""
     if temperature == 0:
         return logits.argmax(-1, keepdim=True), logits.new_zeros(logits.shape[0])
     z = logits / temperature
     z = z.masked_fill(~filter_keep(z, top_k, top_p), float("-inf"))
     logp = z.log_softmax(-1)
-    token = torch.multinomial(logp.exp(), 1, generator=generator)
+    if isinstance(generator, (list, tuple)):
+        parts = logp.exp().split(len(logp) // len(generator))
+        token = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(parts, generator, strict=True)])
+    else:
+        token = torch.multinomial(logp.exp(), 1, generator=generator)
     return token, logp.gather(-1, token)[:, 0]
 
 

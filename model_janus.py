@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import atomic_save, load_exact, read_pretrained, read_state_dict
-from model_ar import KVCache, RMSNorm, attention_mask
+from model_ar import KVCache, RMSNorm, attention_mask, run_layers
 
 FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
 TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:"  # the converted checkpoint's chat template, no system prompt
@@ -177,6 +177,7 @@ class JanusPolicy(nn.Module):
         self.generation_head.vision_head = nn.Linear(cfg.projection_dim, cfg.vocab_size)
         self.register_buffer("rope", rope_1d(cfg.cls_token_num + cfg.block_size, cfg.head_dim, cfg.rope_base),
                              persistent=False)
+        self.grad_checkpoint = False  # activation checkpointing of the teacher-forced forward (train_policy's switch)
 
     # -- what model_ar.generate() and token_logprobs() ask of a policy, as model_ar.GPT answers it --
     def embed_caption(self, ids):
@@ -205,8 +206,7 @@ class JanusPolicy(nn.Module):
         h = torch.cat([self.embed_caption(cond), self.embed_tokens(tokens[:, :-1])], 1)
         L, C = h.shape[1], self.config.cls_token_num
         mask, rope = attention_mask(cond_mask, L), self.rope[:, :L]
-        for layer in self.language_model.layers:
-            h = layer(h, rope, mask)
+        h = run_layers(self.language_model.layers, h, rope, mask, self.grad_checkpoint)
         return self.head(self.language_model.norm(h[:, C - 1:]))
 
     def setup_cache(self, batch, dtype):

@@ -132,6 +132,9 @@ def validate(c, rank, world):
     need(c.save_every >= 1, f"save_every must be >= 1 (rounds between full saves), not {c.save_every}")
     need(c.prompts_per_step % c.prompts_per_chunk == 0,
          f"prompts_per_step ({c.prompts_per_step}) must be a multiple of prompts_per_chunk ({c.prompts_per_chunk})")
+    need(c.sample_batch >= 0 and c.sample_batch % c.prompts_per_chunk == 0,
+         f"sample_batch ({c.sample_batch}) must be 0 (all of a rank's prompts in one sampler call) or a multiple "
+         f"of prompts_per_chunk ({c.prompts_per_chunk})")
     n = c.prompts_per_step // c.prompts_per_chunk
     if n % world:
         fits = [k for k in range(c.prompts_per_chunk, 0, -1)

@@ -292,6 +292,29 @@ def test_guided_logprob_against_its_closed_form_and_gradient(gpt):
     assert torch.allclose(stub.logits.grad, torch.cat([s / T * d, (1 - s) / T * d]), atol=1e-6)
 
 
+def test_activation_checkpointing_recomputes_each_block_and_keeps_the_gradients(gpt):
+    """grad_checkpoint: every block starts twice (its forward, then again in the backward), and the
+    gradients are those of the plain forward, bit for bit (fp32 on the CPU: the recompute repeats the
+    same kernels); without autograd recording it runs each block once."""
+    cond, mask = captions(gpt.config, [3, 6])
+    tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size))
+    calls = []
+    for layer in gpt.layers:
+        layer.register_forward_pre_hook(lambda *a: calls.append(1))
+    grads = []
+    for on in (False, True):
+        gpt.zero_grad()
+        gpt.grad_checkpoint, calls[:] = on, []
+        token_logprobs(gpt, tokens, cond, mask, 3.0, 1.0, 0, 0.9)[0].sum().backward()
+        grads.append([p.grad.clone() for p in gpt.parameters()])
+        assert len(calls) == gpt.config.n_layer * (2 if on else 1)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    calls[:] = []
+    with torch.no_grad():
+        gpt(tokens, cond, mask)
+    assert len(calls) == gpt.config.n_layer
+
+
 def test_teacher_forced_logprobs_never_inf_and_cond_only(gpt):
     cond, mask = captions(gpt.config, [4, 2])
     tokens = torch.randint(0, gpt.config.vocab_size, (2, gpt.config.block_size))  # mostly outside top-k
@@ -499,6 +522,19 @@ def test_janus_bad_folders_and_prompts(janus_dir, tmp_path):
 
 # ---------------------------------------------------------------- losses: Stage 1
 
+
+
+def test_gradients_average_over_ranks_in_buckets(monkeypatch):
+    """all_reduce_grads averages in flat buckets: parameters of 6, 6, 12 and 1 elements in buckets of at
+    most 13 go as [6, 6] and [12, 1] (a parameter without a gradient is skipped); with two ranks holding
+    the same gradients (the all-reduce doubles), every gradient comes back as it was."""
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (6, 6, 12, 1, 5)]
+    for p in params[:4]:
+        p.grad = torch.randn(p.shape)
+    want, sizes = [p.grad.clone() for p in params[:4]], []
+    monkeypatch.setattr(common.dist, "all_reduce", lambda t: sizes.append(len(t)) or t.mul_(2))
+    common.all_reduce_grads(params, 2, bucket=13)
+    assert sizes == [12, 13] and all(torch.equal(p.grad, w) for p, w in zip(params, want)) and params[4].grad is None
 
 
 def test_group_advantages():
@@ -833,8 +869,8 @@ def test_two_rounds_of_each_mode_write_the_round_files(world, tmp_path, mode):
         assert os.path.isfile(os.path.join(r2, f)), f
     assert not any(d.endswith(".tmp") for d in os.listdir(out))
     rollouts = weights(r2, "rollouts.safetensors")
-    assert rollouts["codes"].shape == (16, 16) and rollouts["logp_old"].shape == (16, 16)
-    assert rollouts["rewards"].shape == (16,) and torch.isfinite(rollouts["logp_old"]).all()
+    assert rollouts["codes"].shape == (16, 16) and rollouts["rewards"].shape == (16,)
+    assert rollouts.keys() == {"codes", "rewards", "prompt_ids"}
     policy_moved = not same(weights(r0, "policy.safetensors"), weights(r2, "policy.safetensors"))
     decoder_moved = not same(weights(r0, "decoder.safetensors"), weights(r2, "decoder.safetensors"))
     assert policy_moved == (mode != "decoder_only") and decoder_moved == (mode != "policy_only")
@@ -845,8 +881,93 @@ def test_two_rounds_of_each_mode_write_the_round_files(world, tmp_path, mode):
     if mode == "ranke":
         assert {"reward", "kl", "clip_frac_epoch1", "clip_frac_epoch2", "ratio_dev_epoch2", "entropy", "L_rec", "L_cons",
                 "L_BP", "L_RankGAN", "disc_acc", "policy_peak_gb", "decoder_peak_gb"} <= set(lines[-1])
-        # fp32: pi_old from the sampler is the training forward's up to float noise, so epoch 1's ratio is 1
-        assert lines[-1]["ratio_dev_epoch1"] < 1e-5 and lines[-1]["clip_frac_epoch1"] == 0
+        # pi_old is epoch 1's own forward: its ratio is exactly 1
+        assert lines[-1]["ratio_dev_epoch1"] == 0 and lines[-1]["clip_frac_epoch1"] == 0
+
+
+def test_pi_old_is_epoch_one_forward_bit_for_bit(world, tmp_path):
+    """old_logprobs=recompute takes pi_old from epoch 1's training forward, detached: bit for bit the
+    no-grad forward right after sampling that it replaces (the pass it saves), so epoch 1's ratio is 1."""
+    out = tmp_path / "run"
+    c = ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0", "--prompts_per_chunk=2"])
+    s = train_policy.init(c, out / "round_0000", run_reward(c))
+    chunks = train_policy.rollout(s, c, 1, 0)
+    with torch.no_grad():
+        recomputed = [token_logprobs(s.policy, r.codes, r.cond, r.mask, c.cfg_scale, c.temperature, c.top_k,
+                                     c.top_p)[0] for r in chunks]
+    stats = train_policy.ppo_epoch(s, c, chunks, 1, 0, 1)
+    assert len(chunks) == 2 and all(torch.equal(r.logp_old, x) for r, x in zip(chunks, recomputed))
+    assert [st["ratio_dev_epoch1"] for st in stats] == [0, 0]
+    assert train_policy.ppo_epoch(s, c, chunks, 1, 0, 2)[0]["ratio_dev_epoch2"] > 0  # pi_old stays epoch 1's
+
+
+def test_one_sampler_call_a_step_draws_what_each_chunk_draws_alone(world, tmp_path, monkeypatch):
+    """sample_batch=0 samples all of a rank's prompt chunks of a step in one call, each chunk from its own
+    seeded stream: the same rollouts as one call per chunk (and so as any world size)."""
+    out = tmp_path / "run"
+    c = ranke.main([world, f"--out_dir={out}", "--rounds=0"])
+    s = train_policy.init(c, out / "round_0000", run_reward(c))
+    calls = []
+    monkeypatch.setattr(train_policy, "generate", lambda *a, **k: calls.append(len(a[1])) or generate(*a, **k))
+    one = train_policy.rollout(s, c, 1, 0)
+    c.sample_batch = c.prompts_per_chunk
+    each = train_policy.rollout(s, c, 1, 0)
+    assert calls == [16, 4, 4, 4, 4]  # 4 chunks of 1 prompt x 4 rollouts
+    assert all(torch.equal(a.codes, b.codes) and torch.equal(a.rewards, b.rewards) for a, b in zip(one, each))
+    assert len({tuple(r.codes[0].tolist()) for r in one}) == 4  # the chunks draw different streams
+
+
+def test_real_images_are_encoded_once_per_run(world, tmp_path):
+    """Stage 2 encodes a training image's ground-truth codes the first time it draws it, and reuses them
+    (the encoder and the codebook are frozen): 4 steps draw 16 images of 8, each encoded once, each
+    cached code equal to the image encoded alone."""
+    out = tmp_path / "run"
+    c = ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0"])
+    s = train_decoder.init(c, str(out / "round_0000"), run_reward(c))
+    encode, encoded = s.vq.encode, []
+    s.vq.encode = lambda x: encoded.append(len(x)) or encode(x)
+    c.decoder_steps = 4
+    train_decoder.run(s, c, 1, str(out / "round_0001" / "rollouts.safetensors"))
+    assert sum(encoded) == len(s.gt_codes) < 4 * c.decoder_chunks * c.real_batch
+    for i, codes in s.gt_codes.items():
+        assert torch.equal(codes, encode(common.load_image(s.pairs[i][0], c.image_size)[None])[0])
+
+
+def test_bench_counts_a_grpo_epoch_by_hand(world):
+    """bench.py --mode=flops runs the stages' own code on fake tensors and counts its matmuls, convolutions
+    and attentions. Against a hand count for the tiny world's PPO epoch (32 rows = 4 chunks x 4 rollouts x
+    2 for CFG; GPT-tiny, 8 caption slots + 15 tokens): per row, the blocks' linear layers 2 x params at
+    each of the 23 positions, attention 4 L^2 dim a layer (dense: the mask costs no less), the head at the
+    16 image positions, the caption MLP at the 8 caption slots; the backward twice the linear layers,
+    2.5 x the attention (flash's recompute of the scores), the caption MLP's weight gradients and its
+    second layer's input gradient. pi_ref and the removed pi_old pass are one forward each."""
+    p = run_script("--mode=flops", f"--presets={world}", "--gpus=1", script="bench.py")
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = {tuple(line[2:62].split()[:4]): float(line[62:]) * 1e12 for line in p.stdout.splitlines() if line.startswith("  ")}
+    cfg = gpt_config("GPT-tiny")
+    gpt = GPT(cfg)
+    blocks = sum(m.weight.numel() for m in gpt.layers.modules() if isinstance(m, torch.nn.Linear))
+    fc1, fc2 = gpt.cls_embedding.cap_proj.fc1.weight.numel(), gpt.cls_embedding.cap_proj.fc2.weight.numel()
+    C, T, L, rows = cfg.cls_token_num, cfg.block_size, cfg.cls_token_num + cfg.block_size - 1, 32
+    attention = cfg.n_layer * 4 * L * L * cfg.dim
+    linear = L * 2 * blocks + T * 2 * cfg.dim * cfg.vocab_size
+    forward = rows * (linear + attention + C * 2 * (fc1 + fc2))
+    backward = rows * (2 * linear + 2.5 * attention + C * 2 * (fc1 + 2 * fc2))
+    for key, want in [(("PPO", "epoch", "1", "policy"), forward), (("PPO", "epoch", "2", "backward"), backward),
+                      (("rollouts", "pi_ref,", "no", "grad"), forward),
+                      (("before:", "+", "a", "no-grad"), forward)]:
+        assert got[key] == pytest.approx(want, rel=1e-3), key
+
+
+def test_bench_gpu_check_runs_on_the_cpu(world):
+    """bench.py --mode=gpu, the one command for a lent GPU, runs its CPU parts: the eager sampler, a RankE
+    and a policy-only round of the given config, each peak against the memory count, the time ratio."""
+    p = run_script("--mode=gpu", "--device=cpu", "--dtype=float32", "--gpu_sampler=GPT-tiny", "--gpu_batch=2",
+                   f"--gpu_round={world}", script="bench.py")
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = p.stdout
+    assert "sampler, eager:" in out and "ranke round (1 + 1 steps)" in out and "policy_only round (1 + 0 steps)" in out
+    assert float(out.split("RankE / policy-only time a round: ")[1].split()[0]) > 0
 
 
 def run_script(*args, torchrun=0, script="ranke.py", **kw):

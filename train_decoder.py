@@ -92,7 +92,7 @@ def init(c, d, reward=None, rank=0):
     encoder and codebook), its EMA, the discriminator, their AdamW states, LPIPS, the real images."""
     global _lpips_said
     dev, s = c.device, SimpleNamespace(reward=reward)
-    s.prompts, s.pairs = read_prompts(c.train_prompts), read_pairs(c.train_pairs)
+    s.prompts, s.pairs, s.gt_codes = read_prompts(c.train_prompts), read_pairs(c.train_pairs), {}
     s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(dev)
     s.vq.requires_grad_(False)
     for p in decoder_parameters(s.vq):
@@ -150,11 +150,9 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
             rows = slice(k * c.decoder_batch, (k + 1) * c.decoder_batch)
             real_idx = torch.randint(len(s.pairs), (c.real_batch,), generator=rng(c.seed, rnd, step, k, "real"))
             real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in real_idx]).to(dev)
-            with torch.no_grad():
-                gt_codes = s.vq.encode(real)
             chunks.append(SimpleNamespace(codes=R["codes"][idx[rows]].to(dev), sel_w=sel_w[rows].to(dev),
                                           texts=[s.prompts[i] for i in R["prompt_ids"][idx[rows]]],
-                                          real=real, gt_codes=gt_codes))
+                                          real=real, gt_codes=gt_codes(s, real_idx.tolist(), real)))
         if gan_on and c.disc_first:  # the release's order: the discriminator sees this step's decodings first
             with torch.no_grad(), amp:
                 for ch in chunks:
@@ -201,6 +199,17 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
     metrics = mean_stats(stats, world, dev)
     metrics.update(decoder_time_s=time.time() - t0, decoder_peak_gb=peak_memory_gb(dev))
     return metrics
+
+
+def gt_codes(s, idx, real):
+    """The ground-truth codes of real images `real` (training pairs `idx`), each encoded once per run: the
+    encoder and the codebook are frozen, so a pair's codes never change."""
+    new = [j for j, i in enumerate(idx) if i not in s.gt_codes]
+    if new:
+        with torch.no_grad():
+            for j, codes in zip(new, s.vq.encode(real[new])):
+                s.gt_codes[idx[j]] = codes.cpu()
+    return torch.stack([s.gt_codes[i] for i in idx]).to(real.device)
 
 
 def disc_step(s, c, chunks, world, step, stats):

@@ -1,8 +1,8 @@
 """Stage 1 of RankE: GRPO on the policy with the decoder frozen (Eq. 3).
 
-Per step: a batch of prompts, G rollouts each from the KV-cached CFG sampler (with their pi_old
-log-probs), decoded by the frozen decoder, scored, ranked into group advantages; then `ppo_epochs`
-clipped updates over those rollouts, each followed by the EMA update of pi_ref. Where the authors'
+Per step (`rollout`, then `ppo_epoch` `ppo_epochs` times): a batch of prompts, G rollouts each from the
+KV-cached CFG sampler, decoded by the frozen decoder, scored, ranked into group advantages; then clipped
+updates over those rollouts, each followed by the EMA update of pi_ref. pi_old is epoch 1's own forward. Where the authors'
 released code does otherwise (conditional-only log-probs, k2 KL to a fixed reference, rewards of the
 EMA decoder's images), a switch below says so; config/released.py sets them all.
 
@@ -50,8 +50,12 @@ top_k = 0
 top_p = 0.9
 logprob = "sampler"  # the ratio's log-prob: 'sampler' (the guided, filtered distribution that drew the token) |
 #                      'cond_only' (the conditional logits' full softmax: published baselines, the release)
-old_logprobs = "recompute"  # pi_old: 'recompute' (the training forward, no grad: the first ratio is exactly 1) |
-#                             'sampler' (recorded while sampling: in bf16 up to 5% of tokens start outside the clip)
+old_logprobs = "recompute"  # pi_old: 'recompute' (epoch 1's training forward, detached: its ratio is exactly 1, and
+#                             no extra pass) | 'sampler' (recorded while sampling: in bf16 up to 5% of tokens start outside the clip)
+sample_batch = 0  # prompts per sampler call on a rank (a multiple of prompts_per_chunk); 0: all of the rank's
+#                   prompts of a step in one call. Its KV cache is 2 x layers x rows x (120 + 256) x dim x 2 B
+grad_checkpoint = False  # activation checkpointing of the policy's training forward: each block recomputed in the
+#                         backward (one more forward of FLOPs; bench.py --mode=memory counts what it saves)
 policy_grad_clip = 1.0
 reward_decoder = "decoder"  # decodes rollouts for the reward: 'decoder' (Stage 2's latest) | 'ema' (its EMA: the release)
 init_from = ""  # standalone: the round folder to start from
@@ -65,6 +69,7 @@ def init(c, d, reward, update=True):
     dev, s = c.device, SimpleNamespace(reward=reward, update=update)
     s.prompts = read_prompts(c.train_prompts)
     s.policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(dev)
+    s.policy.grad_checkpoint = c.grad_checkpoint
     decoder_file = "decoder.safetensors" if c.reward_decoder == "decoder" else "decoder_ema.safetensors"
     s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, decoder_file)).to(dev)
     s.vq.requires_grad_(False)
@@ -86,64 +91,94 @@ def set_decoder(s, path):
     load_decoder(s.vq, path)
 
 
+def sampling(c):
+    return dict(cfg_scale=c.cfg_scale, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+
+
+def rollout(s, c, rnd, step, rank=0, world=1):
+    """This rank's rollouts of a GRPO step: its prompt chunks, G samples each, drawn in sampler calls of
+    `sample_batch` prompts (every chunk from its own seeded stream, so the same on any world size), decoded
+    by the frozen decoder and scored, ranked into group advantages (Eq. 3), with pi_ref's log-probs."""
+    dev, amp, G, C = c.device, autocast(c), c.group_size, s.policy.config.cls_token_num
+    n_chunks = c.prompts_per_step // c.prompts_per_chunk
+    order = torch.randperm(len(s.prompts), generator=rng(c.seed, rnd, step))[:c.prompts_per_step].view(n_chunks, -1)
+    mine = list(range(rank, n_chunks, world))
+    per_call = len(mine) if c.sample_batch == 0 else c.sample_batch // c.prompts_per_chunk
+    chunks = []
+    for first in range(0, len(mine), per_call):
+        ks = mine[first:first + per_call]
+        ids = order[ks].flatten().repeat_interleave(G)
+        texts = [s.prompts[i] for i in ids]
+        cond, mask = (t.to(dev) for t in caption_features(texts, c, C))
+        gens = [torch.Generator(dev).manual_seed(rng(c.seed, rnd, step, k).initial_seed()) for k in ks]
+        with torch.no_grad(), amp:
+            codes, logp_sampler = generate(s.policy, cond, mask, generator=gens, return_logprobs=True, **sampling(c))
+        s.policy.free_cache()  # its memory goes to the training forward
+        n = c.prompts_per_chunk * G
+        for k, rows in zip(ks, torch.arange(len(ids)).split(n)):
+            r = SimpleNamespace(k=k, ids=ids[rows], cond=cond[rows], mask=mask[rows], codes=codes[rows],
+                                texts=[texts[i] for i in rows])
+            with torch.no_grad(), amp:
+                r.rewards = s.reward(s.vq.decode(r.codes), r.texts).float()
+                r.logp_ref = token_logprobs(s.ref, r.codes, r.cond, r.mask, **sampling(c),
+                                            cond_only=c.logprob == "cond_only")[0] if s.update else None
+            # pi_old: the sampler's record, or (recompute) epoch 1's own training forward, taken in ppo_epoch
+            r.logp_old = logp_sampler[rows].float() if c.old_logprobs == "sampler" else None
+            r.advantages, r.flat = group_advantages(r.rewards, G)
+            chunks.append(r)
+    return chunks
+
+
+def ppo_epoch(s, c, chunks, rnd, step, epoch, world=1):
+    """One clipped update of the policy on a step's rollouts (Eq. 3), their gradients accumulated over
+    the chunks and averaged over ranks, then the EMA update of pi_ref. Returns the chunks' statistics."""
+    n_tokens = c.prompts_per_step * c.group_size * c.block_size / world  # see grpo_loss: global tokens / world
+    stats = []
+    for r in chunks:
+        with autocast(c):
+            logp, entropy = token_logprobs(s.policy, r.codes, r.cond, r.mask, **sampling(c),
+                                           cond_only=c.logprob == "cond_only")
+            if r.logp_old is None:  # nothing has updated the policy before epoch 1's last chunk: this forward
+                r.logp_old = logp.detach()  # is pi_old, bit for bit what a no-grad recompute gives (ratio 1)
+            loss, st = grpo_loss(logp, r.logp_old, r.logp_ref, r.advantages, c.clip_eps, c.beta, n_tokens,
+                                 entropy, c.kl_estimator)
+        check_finite(loss, "GRPO loss", step)
+        s.scaler.scale(loss).backward()
+        # per epoch: in the first, how far pi_old is from the training forward (ratio ~1); then the clip's work
+        stats.append({**{f"{k}_epoch{epoch}": st[k] for k in ("clip_frac", "ratio_dev", "ratio_max")},
+                      **({"kl": st["kl"], "entropy": st["entropy"]} if epoch == 1 else {})})
+    all_reduce_grads(s.policy.parameters(), world)
+    s.scaler.unscale_(s.opt)
+    torch.nn.utils.clip_grad_norm_(s.policy.parameters(), c.policy_grad_clip)
+    s.scaler.step(s.opt)
+    s.scaler.update()
+    s.opt.zero_grad(set_to_none=True)  # no gradients are held between updates, nor while Stage 2 runs
+    update = ((rnd - 1) * c.policy_steps + step) * c.ppo_epochs + epoch  # over the whole run, from 1
+    if update % c.ref_update_every == 0:
+        ema_update(s.ref, s.policy, c.ref_decay)
+    return stats
+
+
 def run(s, c, rnd, rank=0, world=1):
     """`policy_steps` GRPO steps of round `rnd` (only draws and scores rollouts if not s.update).
     Returns the rollouts of every rank in chunk order (the same on any world size) and the metrics."""
     t0, dev = time.time(), c.device
     reset_peak_memory(dev)
-    amp, G, C = autocast(c), c.group_size, s.policy.config.cls_token_num
-    sampling = dict(cfg_scale=c.cfg_scale, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
-    cond_only = c.logprob == "cond_only"
     n_chunks = c.prompts_per_step // c.prompts_per_chunk
-    n_tokens = c.prompts_per_step * G * c.block_size / world  # see grpo_loss: global tokens / world
-    stats, saved = [], {"codes": [], "rewards": [], "prompt_ids": [], "logp_old": [], "chunk": []}
+    stats, saved = [], {"codes": [], "rewards": [], "prompt_ids": [], "chunk": []}
     bar = range(c.policy_steps)
     if rank == 0:
         from tqdm import tqdm
         bar = tqdm(bar, desc=f"round {rnd} stage 1 (GRPO)", leave=False)
     for step in bar:
-        order = torch.randperm(len(s.prompts), generator=rng(c.seed, rnd, step))[:c.prompts_per_step]
-        rollouts = []
-        for k in range(rank, n_chunks, world):  # sample, decode, score
-            ids = order.view(n_chunks, c.prompts_per_chunk)[k].repeat_interleave(G)
-            texts = [s.prompts[i] for i in ids]
-            cond, mask = (t.to(dev) for t in caption_features(texts, c, C))
-            gen = torch.Generator(dev).manual_seed(rng(c.seed, rnd, step, k).initial_seed())
-            with torch.no_grad(), amp:
-                codes, logp_old = generate(s.policy, cond, mask, generator=gen, return_logprobs=True, **sampling)
-                s.policy.free_cache()
-                rewards = s.reward(s.vq.decode(codes), texts).float()
-                if c.old_logprobs == "recompute":  # pi_old from exactly the forward the update will run
-                    logp_old, _ = token_logprobs(s.policy, codes, cond, mask, **sampling, cond_only=cond_only)
-                logp_ref = token_logprobs(s.ref, codes, cond, mask, **sampling, cond_only=cond_only)[0] \
-                    if s.update else None
-            advantages, flat = group_advantages(rewards, G)
-            rollouts.append(SimpleNamespace(cond=cond, mask=mask, codes=codes, logp_old=logp_old.float(),
-                                            logp_ref=logp_ref, advantages=advantages, rewards=rewards, flat=flat))
-            for key, v in zip(saved, (codes, rewards, ids, logp_old, torch.full_like(ids, step * n_chunks + k))):
+        chunks = rollout(s, c, rnd, step, rank, world)
+        for epoch in range(1, c.ppo_epochs + 1 if s.update else 0):
+            stats += ppo_epoch(s, c, chunks, rnd, step, epoch, world)
+        stats.append({"reward": torch.cat([r.rewards for r in chunks]).mean().item(),
+                      "zero_adv_groups": sum(r.flat for r in chunks) / len(chunks)})
+        for r in chunks:
+            for key, v in zip(saved, (r.codes, r.rewards, r.ids, torch.full_like(r.ids, step * n_chunks + r.k))):
                 saved[key].append(v.cpu())
-        for epoch in range(1, c.ppo_epochs + 1 if s.update else 0):  # PPO: clipped updates on these rollouts
-            for r in rollouts:
-                with amp:
-                    logp, entropy = token_logprobs(s.policy, r.codes, r.cond, r.mask, **sampling, cond_only=cond_only)
-                    loss, st = grpo_loss(logp, r.logp_old, r.logp_ref, r.advantages, c.clip_eps, c.beta, n_tokens,
-                                         entropy, c.kl_estimator)
-                check_finite(loss, "GRPO loss", step)
-                s.scaler.scale(loss).backward()
-                # per epoch: in the first, how far pi_old is from the training forward (ratio ~1); then the clip's work
-                stats.append({**{f"{k}_epoch{epoch}": st[k] for k in ("clip_frac", "ratio_dev", "ratio_max")},
-                              **({"kl": st["kl"], "entropy": st["entropy"]} if epoch == 1 else {})})
-            all_reduce_grads(s.policy.parameters(), world)
-            s.scaler.unscale_(s.opt)
-            torch.nn.utils.clip_grad_norm_(s.policy.parameters(), c.policy_grad_clip)
-            s.scaler.step(s.opt)
-            s.scaler.update()
-            s.opt.zero_grad(set_to_none=True)  # no gradients are held between updates, nor while Stage 2 runs
-            update = ((rnd - 1) * c.policy_steps + step) * c.ppo_epochs + epoch  # over the whole run, from 1
-            if update % c.ref_update_every == 0:
-                ema_update(s.ref, s.policy, c.ref_decay)
-        stats.append({"reward": torch.cat([r.rewards for r in rollouts]).mean().item(),
-                      "zero_adv_groups": sum(r.flat for r in rollouts) / len(rollouts)})
     metrics = mean_stats(stats, world, dev)
     out = {k: all_gather(torch.cat(v).to(dev), world).cpu() for k, v in saved.items()}
     order = out.pop("chunk").argsort(stable=True)
