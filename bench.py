@@ -288,7 +288,7 @@ def fake_stages(c, fake):
         for m in filter(None, [policy, ref, vq1, vq2, ema, disc, lpips] + [r.model for _, r in reward.terms]):
             m.to_empty(device="cpu")
         prompts = ["a prompt"] * c.prompts_per_step
-        s1 = SimpleNamespace(reward=reward, update=True, prompts=prompts, policy=policy, ref=ref, vq=vq1,
+        s1 = SimpleNamespace(reward=reward, update=True, prompts=prompts, policy=policy, ref=ref, vq=vq1, decode_fn=None,
                              opt=torch.optim.AdamW(policy.parameters()), scaler=grad_scaler(c))
         s2 = SimpleNamespace(reward=reward, prompts=prompts, pairs=[("image.png", "a prompt")] * 64, gt_codes={},
                              vq=vq2, ema=ema, disc=disc, lpips=lpips, opt=torch.optim.AdamW(decoder_parameters(vq2)),
@@ -309,7 +309,7 @@ def rank0(c, world, first_step=lambda step: step(), repeat_step=lambda: None):
                 "prompt_ids": torch.zeros(n, dtype=torch.long)}
     cond = torch.randn(1, c.cls_token_num, gpt_config(c.gpt_model).caption_dim)
 
-    def sample(*args, **kwargs):
+    def sample(*args, decode_fn=None, **kwargs):
         logits = []
 
         def decode(*a):
@@ -662,7 +662,7 @@ if mode == "step":
     ref = GPT(policy.config).to(device).requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
     g = torch.Generator().manual_seed(seed)
-    s = SimpleNamespace(prompts=["a prompt"] * 8, policy=policy, ref=ref, update=True, scaler=grad_scaler(c),
+    s = SimpleNamespace(prompts=["a prompt"] * 8, policy=policy, ref=ref, update=True, scaler=grad_scaler(c), decode_fn=decode_one_token,
                         opt=torch.optim.AdamW(policy.parameters(), lr=1e-6), vq=SimpleNamespace(decode=lambda codes: codes),
                         reward=lambda images, texts: torch.rand(len(texts), generator=g).to(device))
     cond = torch.randn(1, c.cls_token_num, policy.config.caption_dim, device=device)

@@ -917,6 +917,24 @@ def test_one_sampler_call_a_step_draws_what_each_chunk_draws_alone(world, tmp_pa
     assert len({tuple(r.codes[0].tolist()) for r in one}) == 4  # the chunks draw different streams
 
 
+def test_compiled_sampler_draws_eager_rollouts_and_keeps_its_cache(world, tmp_path, monkeypatch):
+    """compile_sampler=True samples the rollouts through the compiled decode step (aot_eager here: the
+    capture; the inductor kernels are checked on generate() above): the same rollouts as eager, and the
+    KV cache stays allocated after the step, where eager frees it."""
+    out = tmp_path / "run"
+    c = ranke.main([world, f"--out_dir={out}", "--rounds=0"])
+    compile, calls = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or compile(fn, backend="aot_eager", fullgraph=True))
+    eager = train_policy.init(c, out / "round_0000", run_reward(c))
+    a = train_policy.rollout(eager, c, 1, 0)
+    assert eager.policy.layers[0].attention.kv_cache is None and not calls
+    c.compile_sampler = True
+    compiled = train_policy.init(c, out / "round_0000", run_reward(c))
+    b = train_policy.rollout(compiled, c, 1, 0)
+    assert calls == [{"mode": None, "fullgraph": True}] and compiled.policy.layers[0].attention.kv_cache is not None
+    assert all(torch.equal(x.codes, y.codes) for x, y in zip(a, b))
+
+
 def test_real_images_are_encoded_once_per_run(world, tmp_path):
     """Stage 2 encodes a training image's ground-truth codes the first time it draws it, and reuses them
     (the encoder and the codebook are frozen): 4 steps draw 16 images of 8, each encoded once, each

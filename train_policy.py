@@ -26,7 +26,7 @@ from common import (all_gather, all_reduce_grads, autocast, caption_features, ch
                     load_optimizer, mean_stats, peak_memory_gb, read_prompts, reset_peak_memory, rng, save_model,
                     save_optimizer)
 from losses import ema_update, group_advantages, grpo_loss, run_reward
-from model_ar import generate, token_logprobs
+from model_ar import decode_one_token, generate, token_logprobs
 from model_vq import load_decoder, load_vq
 
 # -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
@@ -54,6 +54,8 @@ old_logprobs = "recompute"  # pi_old: 'recompute' (epoch 1's training forward, d
 #                             no extra pass) | 'sampler' (recorded while sampling: in bf16 up to 5% of tokens start outside the clip)
 sample_batch = 0  # prompts per sampler call on a rank (a multiple of prompts_per_chunk); 0: all of the rank's
 #                   prompts of a step in one call. Its KV cache is 2 x layers x rows x (120 + 256) x dim x 2 B
+compile_sampler = False  # torch.compile the sampler's decode step (CUDA graphs on CUDA, inductor elsewhere); its KV
+#                          cache then stays allocated from step to step (graphs replay on fixed addresses), training included
 grad_checkpoint = False  # activation checkpointing of the policy's training forward: each block recomputed in the
 #                         backward (one more forward of FLOPs; bench.py --mode=memory counts what it saves)
 policy_grad_clip = 1.0
@@ -70,6 +72,10 @@ def init(c, d, reward, update=True):
     s.prompts = read_prompts(c.train_prompts)
     s.policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(dev)
     s.policy.grad_checkpoint = c.grad_checkpoint
+    s.decode_fn = decode_one_token
+    if c.compile_sampler:
+        s.decode_fn = torch.compile(decode_one_token, mode="reduce-overhead" if dev.startswith("cuda") else None,
+                                    fullgraph=True)
     decoder_file = "decoder.safetensors" if c.reward_decoder == "decoder" else "decoder_ema.safetensors"
     s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, decoder_file)).to(dev)
     s.vq.requires_grad_(False)
@@ -112,8 +118,10 @@ def rollout(s, c, rnd, step, rank=0, world=1):
         cond, mask = (t.to(dev) for t in caption_features(texts, c, C))
         gens = [torch.Generator(dev).manual_seed(rng(c.seed, rnd, step, k).initial_seed()) for k in ks]
         with torch.no_grad(), amp:
-            codes, logp_sampler = generate(s.policy, cond, mask, generator=gens, return_logprobs=True, **sampling(c))
-        s.policy.free_cache()  # its memory goes to the training forward
+            codes, logp_sampler = generate(s.policy, cond, mask, generator=gens, return_logprobs=True,
+                                           decode_fn=s.decode_fn, **sampling(c))
+        if not c.compile_sampler:
+            s.policy.free_cache()  # its memory goes to the training forward
         n = c.prompts_per_chunk * G
         for k, rows in zip(ks, torch.arange(len(ids)).split(n)):
             r = SimpleNamespace(k=k, ids=ids[rows], cond=cond[rows], mask=mask[rows], codes=codes[rows],
