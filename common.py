@@ -9,6 +9,7 @@ intact. round_0000 holds the base models.
 import csv
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from checkpoint import atomic_save, read_state_dict
 from configurator import configure, defaults
 from model_ar import gpt_config, load_gpt
-from model_janus import TEMPLATE, load_janus, prompt_ids
+from model_janus import TEMPLATE, janus_config, load_janus, prompt_ids
 from model_vq import VQ_CONFIGS, load_decoder, load_vq
 
 # -- config shared by train_policy.py, train_decoder.py and ranke.py (overridden the same way).
@@ -55,12 +56,62 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32
 seed = 0
 SWITCHES = {"backbone": ("llamagen", "janus"), "caption_padding": ("left", "right"), "reward_resize": ("crop", "squash")}
+DERIVED = ("block_size", "codebook_size", "cls_token_num", "t5_cache", "run_id", "prompts_sha1", "round")  # not settings
+MODEL_KEYS = ("backbone", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size")  # a round's files and rollouts fit these
 
 
 def bad_switch(c, switches):
     """The message for the first string switch whose value is not one of its choices, else ''."""
     return next((f"{k} must be one of {', '.join(map(repr, v))}, not {getattr(c, k)!r}"
                  for k, v in switches.items() if getattr(c, k) not in v), "")
+
+
+def split_hint(n, world, step=1):
+    """The smallest multiple of `world` that is >= n and a multiple of `step`."""
+    m = world * math.ceil(n / world)
+    while m % step:
+        m += world
+    return m
+
+
+def check(c, world=1):
+    """The shared settings (switches, precision, models, data, reward): the first that cannot run, as one
+    message saying how to fix it; '' if none. Each stage adds its own `check`, run alone or by ranke.py."""
+    from losses import reward_terms
+    msg = bad_switch(c, SWITCHES)
+    if msg:
+        return msg
+    try:
+        check_dtype(c.device, c.dtype)
+    except SystemExit as e:
+        return str(e)
+    for key in ("gpt_ckpt", "vq_ckpt", "train_prompts", "train_pairs"):  # a Janus checkpoint is a folder
+        path = getattr(c, key)
+        if not (os.path.isfile(path) or (c.backbone == "janus" and key.endswith("ckpt") and os.path.isdir(path))):
+            return f"{key} not found: {path}"
+    if c.backbone == "janus":
+        if c.caption_padding != "left":
+            return "Janus prompts are left-padded, as its processor pads them: set caption_padding=left"
+        try:  # the image grid the checkpoint generates, and every training prompt within janus_prompt_len
+            check_janus_image(c, janus_config(c.gpt_ckpt))
+            prompt_ids(read_prompts(c.train_prompts), c.gpt_ckpt, c.cls_token_num, c.janus_template)
+        except (FileNotFoundError, ValueError) as e:
+            return str(e)
+    try:
+        terms = reward_terms(c)
+    except ValueError as e:
+        return str(e)
+    files = {"clip": c.clip_weights, "hpsv2": c.hps_weights, "aesthetic": c.aesthetic_weights}
+    for t in terms + (["clip"] if "aesthetic" in terms else []):
+        if not os.path.isfile(files[t]):
+            return f"{t} reward weights not found: {files[t]!r}"
+    read_pairs(c.train_pairs, check_images=True)
+    return ""
+
+
+def file_sha1(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
 
 
 def make_config(cfg, argv=None, **forced):
@@ -105,27 +156,37 @@ def load_policy(c, path):
     return load_gpt(path, c.gpt_model, **gpt_overrides(c))
 
 
-def standalone_config(module, argv=None):
+def standalone_config(module, argv=None, uses=()):
     """A stage run alone (one process) from round folder `--init_from` of a run into a new `--out_dir`: the
-    run's config (its meta.json, so the run's config file is accepted too), the stage's defaults for keys
-    the run lacks, then the overrides; the round is the one after init_from's (it seeds the draws)."""
+    stage's settings as ranke.py would run them now (the constants at the top of common.py and of the
+    stage's file, then a config file and --key=value), checked by the stage's own `check`; the round
+    folder decides only what must match (its models, group size and prompts: refused, with what differs,
+    if not), and the round is the one after init_from's (it seeds the draws). `uses`: other stages whose
+    settings the stage reads."""
     argv = sys.argv[1:] if argv is None else argv
     init_from = next((a.split("=", 1)[1] for a in argv if a.startswith("--init_from=")), "")
     if not os.path.isfile(os.path.join(init_from, "meta.json")):
         raise SystemExit(f"give --init_from=ROUND_FOLDER, a round folder of a RankE run (got {init_from!r})")
     meta = read_meta(init_from)
-    derived = ("block_size", "codebook_size", "cls_token_num", "t5_cache", "run_id", "prompts_sha1")
-    cfg = {**defaults(sys.modules[__name__]), **defaults(module),
-           **{k: v for k, v in meta["config"].items() if k not in derived}}
-    c = make_config(cfg, argv)
-    if os.path.exists(c.out_dir) and os.listdir(c.out_dir):
-        raise SystemExit(f"{c.out_dir} is not empty: choose another out_dir (nothing was overwritten)")
-    c.run_id, c.prompts_sha1, c.round = meta["run_id"], meta["config"]["prompts_sha1"], meta["round"] + 1
-    c.t5_cache = os.path.join(os.path.dirname(os.path.abspath(init_from)), "t5_cache.safetensors")  # the run's
-    check_dtype(c.device, c.dtype)
-    msg = bad_switch(c, SWITCHES) or bad_switch(c, module.SWITCHES)
+    # the run's keys that are not this stage's (the loop's `rounds`, the other stage's) stand, so that the
+    # run's config file is accepted; this stage's own come from its file, as ranke.py would run them
+    run = {k: v for k, v in meta["config"].items() if k not in DERIVED}
+    own = {k: v for m in (sys.modules[__name__], *uses, module) for k, v in defaults(m).items()}
+    c = make_config({**run, **own}, argv)
+    msg = check(c) or module.check(c)
     if msg:
         raise SystemExit(msg)
+    c.prompts_sha1 = file_sha1(c.train_prompts)
+    differ = [f"{k} {run.get(k)!r}" for k in MODEL_KEYS if run.get(k) != getattr(c, k)]
+    if meta["config"].get("prompts_sha1") != c.prompts_sha1:
+        differ.append(f"train_prompts {run.get('train_prompts')!r} (other contents than {c.train_prompts!r})")
+    if differ:
+        raise SystemExit(f"{init_from} comes from a run with {', '.join(differ)}: give that run's config file "
+                         f"first (python {os.path.basename(module.__file__)} CONFIG --init_from=...) or its values")
+    if os.path.exists(c.out_dir) and os.listdir(c.out_dir):
+        raise SystemExit(f"{c.out_dir} is not empty: choose another out_dir (nothing was overwritten)")
+    c.run_id, c.round = meta["run_id"], meta["round"] + 1
+    c.t5_cache = os.path.join(os.path.dirname(os.path.abspath(init_from)), "t5_cache.safetensors")  # the run's
     return c
 
 
@@ -159,6 +220,11 @@ def init_dist(device):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     return rank, world, device
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
 
 
 def all_reduce_grads(params, world, bucket=2 ** 25):

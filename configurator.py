@@ -13,7 +13,8 @@ SIMPLE = (bool, int, float, str, tuple, list, type(None))
 
 
 def config_keys(g):
-    return {k for k, v in g.items() if not k.startswith("_") and isinstance(v, SIMPLE)}
+    """The simple lowercase globals (UPPERCASE names are the script's constants, not settings)."""
+    return {k for k, v in g.items() if not k.startswith("_") and k == k.lower() and isinstance(v, SIMPLE)}
 
 
 def defaults(module):

@@ -25,6 +25,7 @@ import losses
 import model_ar
 import model_vq
 import ranke
+import run_folder
 import train_decoder
 import train_policy
 from common import caption_features, load_round, read_prompts, rng
@@ -1134,6 +1135,28 @@ def test_stages_run_alone_on_round_files(world, tmp_path):
     assert "import ranke" not in open("train_policy.py").read() + open("train_decoder.py").read()
 
 
+def test_a_stage_alone_runs_its_own_settings_and_checks(world, tmp_path, monkeypatch):
+    """A constant edited at the top of a stage's file is what the stage runs, in the loop and alone (the
+    round folder's meta.json does not override it); a stage alone refuses what ranke.py refuses, with the
+    same message; and a round folder of other models is refused, naming what differs."""
+    run = tmp_path / "run"
+    ranke.main([world, f"--out_dir={run}", "--rounds=1", "--sample_every=0"])
+    r1 = str(run / "round_0001")
+    monkeypatch.setattr(train_policy, "beta", 0.0123)  # an inline edit
+    alone = common.standalone_config(train_policy, [world, f"--init_from={r1}", f"--out_dir={tmp_path / 'a'}"])
+    assert ranke.config([world]).beta == alone.beta == 0.0123
+    assert alone.round == 2 and alone.rounds == 2  # the run's own keys (the loop's) stand
+    for module, bad in ((train_decoder, "--tau=0"), (train_policy, "--prompts_per_chunk=3"),
+                        (train_decoder, "--cons_kind=lpips")):
+        with pytest.raises(SystemExit) as loop:
+            ranke.validate(ranke.config([world, bad]), 0, 1)
+        with pytest.raises(SystemExit) as stage:
+            common.standalone_config(module, [world, f"--init_from={r1}", f"--out_dir={tmp_path / 'b'}", bad])
+        assert str(loop.value) == str(stage.value) and str(stage.value)
+    with pytest.raises(SystemExit, match=r"comes from a run with group_size 4.*give that run's config file"):
+        common.standalone_config(train_policy, [world, f"--init_from={r1}", f"--out_dir={tmp_path / 'c'}", "--group_size=2"])
+
+
 def stage2_inputs(c, d, rollouts_path):
     """Run one Stage-2 round from round folder d, recording every code row the decoder decodes (with its
     image) and the fakes of the discriminator's own step (its inputs that carry no decoder gradient)."""
@@ -1184,7 +1207,7 @@ def test_released_switches_do_what_they_name(world, tmp_path, monkeypatch):
     assert same(weights(out, "handover/decoder.safetensors"), weights(r1, "decoder_ema.safetensors"))
     assert not same(weights(r1, "decoder_ema.safetensors"), weights(r1, "decoder.safetensors"))
     c = ranke.config(released + [f"--out_dir={out}"])
-    meta = ranke.read_meta(r1)
+    meta = common.read_meta(r1)
     c.run_id, c.prompts_sha1, c.lambda_bp = meta["run_id"], meta["config"]["prompts_sha1"], 0.0  # no reward needed
     save_decoder(train_policy.init(c, r1, None, update=False).vq, str(tmp_path / "stage1_decoder.safetensors"))
     assert same(weights(tmp_path, "stage1_decoder.safetensors"), weights(r1, "decoder_ema.safetensors"))
@@ -1336,7 +1359,7 @@ def test_sft_fits_the_real_codes_and_starts_a_ranke_run(world, tmp_path):
                 for k, extra in (("a", []), ("b", [f"--train_pairs={shuffled}"])))
         assert same(weights(a, "round_0001/policy.safetensors"), weights(b, "round_0001/policy.safetensors")) == equal
     p = run_script(world, f"--init_from={sft}/round_0001", f"--out_dir={tmp_path / 'alone'}", "--sft_steps=4",
-                   script="train_sft.py")
+                   "--sft_lr=3e-3", script="train_sft.py")  # the stage's settings, given as the run's were
     assert p.returncode == 0, p.stderr[-2000:]
     assert same(weights(tmp_path / "alone", "policy.safetensors"), weights(sft, "round_0002/policy.safetensors"))
     rl = str(tmp_path / "rl")
@@ -1762,7 +1785,7 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
 def test_round_line_eta_by_hand():
     """Time left = the mean round so far x the rounds left: 2 rounds in 100 s, 3 left -> 150 s; 7 rounds
     left at 10 min a round -> 70 min."""
-    assert ranke.eta(100.0, 2, 3) == "2m30s" and ranke.eta(6000.0, 10, 7) == "1h10m" and ranke.eta(5.0, 1, 0) == "0m00s"
+    assert run_folder.eta(100.0, 2, 3) == "2m30s" and run_folder.eta(6000.0, 10, 7) == "1h10m" and run_folder.eta(5.0, 1, 0) == "0m00s"
 
 
 def test_study_paired_difference_by_hand():
@@ -1802,7 +1825,7 @@ def test_study_runs_arms_over_seeds_and_reports_mean_and_se(world, tmp_path):
     summary = study.main([*args, f"--study_dir={d}", "--arms=sft,no_bp", "--seeds=0,1"])
     for arm, (key, value) in (("sft", ("mode", "sft")), ("no_bp", ("lambda_bp", 0.0))):
         runs = [study.read_run(os.path.join(d, f"{arm}_s{k}")) for k in (0, 1)]
-        assert ranke.read_meta(os.path.join(d, f"{arm}_s1", "round_0001"))["config"][key] == value
+        assert common.read_meta(os.path.join(d, f"{arm}_s1", "round_0001"))["config"][key] == value
         fd = [r[1]["FD_CLIP"] for r in runs]
         assert summary[arm][1]["FD_CLIP"][:2] == (pytest.approx(sum(fd) / 2), pytest.approx(abs(fd[0] - fd[1]) / 2))
         assert summary[arm][0]["CLIP"][1] == 0  # round 0 is the same base for every seed

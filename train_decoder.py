@@ -14,10 +14,13 @@ ranke.py keeps this stage's state (`init`) in memory across rounds and calls `ru
 rollouts file Stage 1 just wrote; the decoder it leaves is handed back to Stage 1 as a file. Alone, on a
 rollouts file, starting from a round folder's decoder:
 
-    python train_decoder.py --rollouts=out/ranke/round_0004/rollouts.safetensors \\
+    python train_decoder.py [RUN_CONFIG] --rollouts=out/ranke/round_0004/rollouts.safetensors \\
         --init_from=out/ranke/round_0003 --out_dir=out/stage2
+
+with the settings at the top of this file (and common.py's), as the loop runs them.
 """
 import copy
+import math
 import os
 import sys
 import time
@@ -27,10 +30,11 @@ import torch
 
 import common
 from checkpoint import read_state_dict
-from common import (all_reduce_grads, autocast, check_finite, grad_scaler, load_image, load_optimizer, mean_stats,
-                    peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model, save_optimizer)
+from common import (all_reduce_grads, autocast, bad_switch, check_finite, grad_scaler, load_image, load_optimizer,
+                    mean_stats, peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model,
+                    save_optimizer, split_hint)
 from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, gen_adv_loss, patchgan,
-                    rank_gan_loss, rank_weights, rec_loss, run_reward, schedule, top_k_weights)
+                    rank_gan_loss, rank_weights, rec_loss, reward_terms, run_reward, schedule, top_k_weights)
 from model_vq import decoder_parameters, load_decoder, load_vq, save_decoder
 
 # -- config: defaults for the shapes world. config/llamagen_xl_clip.py holds Table F.1's values, and
@@ -87,6 +91,32 @@ SWITCHES = {"disc_fakes": ("policy", "reconstructions"), "gen_loss": ("hinge", "
 _lpips_said = False
 
 
+def check(c, world=1):
+    """This stage's settings on `world` ranks: the first that cannot run, as a message saying how to fix
+    it; '' if none (ranke.py and this script alone run the same checks)."""
+    msg = bad_switch(c, SWITCHES)
+    if msg:
+        return msg
+    if c.selection != "top_k" and c.decoder_chunks * c.decoder_batch % c.group_size:
+        return (f"a decoder step takes whole prompt groups: decoder_chunks x decoder_batch ({c.decoder_chunks} x "
+                f"{c.decoder_batch}) must be a multiple of group_size ({c.group_size})")
+    if c.decoder_chunks % world:
+        step = c.group_size // math.gcd(c.group_size, c.decoder_batch)
+        return (f"a decoder step's {c.decoder_chunks} chunks (decoder_chunks) cannot be dealt evenly to {world} "
+                f"ranks: set decoder_chunks={split_hint(c.decoder_chunks, world, step)}")
+    if "hpsv2" in reward_terms(c) and c.lambda_bp > 0:
+        return "HPSv2 is a black-box reward: set lambda_bp=0 (Rank-GAN carries its signal to the decoder)"
+    if c.tau <= 0:
+        return f"tau must be > 0 (inf = uniform weights; small = nearly best-of-N), not {c.tau}"
+    if not (1 <= c.select_k <= c.group_size and c.decoder_chunks * c.decoder_batch % c.select_k == 0):
+        return f"select_k ({c.select_k}) must be within 1..group_size and divide decoder_chunks x decoder_batch"
+    if min(c.select_temp_start, c.select_temp_end) <= 0:
+        return "select_temp_start and select_temp_end must be > 0"
+    if c.cons_kind == "lpips" and not (c.lpips_vgg and c.lpips_lin):
+        return "cons_kind=lpips needs LPIPS weights: set lpips_vgg and lpips_lin (or cons_kind=mse)"
+    return ""
+
+
 def init(c, d, reward=None, rank=0):
     """Stage 2's state from round folder d: the decoder being trained (on the base tokenizer's frozen
     encoder and codebook), its EMA, the discriminator, their AdamW states, LPIPS, the real images."""
@@ -119,15 +149,13 @@ def init(c, d, reward=None, rank=0):
 
 
 def run(s, c, rnd, rollouts_path, rank=0, world=1):
-    """`decoder_steps` decoder steps of round `rnd` on the rollouts in `rollouts_path`."""
+    """`decoder_steps` decoder steps of round `rnd` on the rollouts in `rollouts_path`: each selects and
+    weights whole prompt groups (Eq. 6), takes the decoder's step on its terms (Eq. 4), updates the EMA
+    decoder, and the discriminator's (after the decoder's: the paper; before: disc_first, the release)."""
     t0, dev = time.time(), c.device
     reset_peak_memory(dev)
-    amp, G = autocast(c), c.group_size
     R = read_state_dict(rollouts_path)
     check_rollouts(c, rollouts_path, R)
-    n_groups, per_step = len(R["rewards"]) // G, c.decoder_chunks * c.decoder_batch
-    top_k = c.selection == "top_k"
-    groups_per_step = per_step // (c.select_k if top_k else G)
     stats, bar = [], range(c.decoder_steps)
     if rank == 0:
         from tqdm import tqdm
@@ -135,58 +163,19 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
     for step in bar:
         global_step = (rnd - 1) * c.decoder_steps + step  # over the whole run, from 0
         gan_on = (c.lambda_gan > 0 or c.rec_gan) and global_step >= c.disc_start
-        # the step's rollouts: whole prompt groups, ranked together (Eq. 6) or cut to their best, then chunked
-        groups = torch.randperm(n_groups, generator=rng(c.seed, rnd, step, "groups")).repeat(groups_per_step // n_groups + 1)
-        idx = (groups[:groups_per_step, None] * G + torch.arange(G)).flatten()
-        if top_k:
-            temp = schedule("sin", global_step, 0, c.select_anneal * c.rounds * c.decoder_steps,
-                            c.select_temp_start, c.select_temp_end)
-            keep, sel_w = top_k_weights(R["rewards"][idx], G, c.select_k, temp)
-            idx = idx[keep]
-        else:
-            sel_w = rank_weights(R["rewards"][idx], c.tau, G if c.rank_softmax == "group" else None)
-        chunks = []
-        for k in range(rank, c.decoder_chunks, world):
-            rows = slice(k * c.decoder_batch, (k + 1) * c.decoder_batch)
-            real_idx = torch.randint(len(s.pairs), (c.real_batch,), generator=rng(c.seed, rnd, step, k, "real"))
-            real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in real_idx]).to(dev)
-            chunks.append(SimpleNamespace(codes=R["codes"][idx[rows]].to(dev), sel_w=sel_w[rows].to(dev),
-                                          texts=[s.prompts[i] for i in R["prompt_ids"][idx[rows]]],
-                                          real=real, gt_codes=gt_codes(s, real_idx.tolist(), real)))
+        idx, sel_w = select(c, R, rnd, step, global_step)
+        chunks = load_chunks(s, c, R, idx, sel_w, rnd, step, rank, world)
         if gan_on and c.disc_first:  # the release's order: the discriminator sees this step's decodings first
-            with torch.no_grad(), amp:
+            with torch.no_grad(), autocast(c):
                 for ch in chunks:
                     ch.fakes = s.vq.decode(ch.gt_codes if c.disc_fakes == "reconstructions" else ch.codes)
             disc_step(s, c, chunks, world, step, stats)
-        lambda_cons = c.lambda_cons if c.cons_schedule == "none" else schedule(
-            c.cons_schedule, global_step, c.cons_start_step, c.cons_end_step, c.cons_start_value, c.cons_end_value)
-        weights = {"L_rec": c.lambda_rec, "L_cons": lambda_cons, "L_BP": c.lambda_bp,
-                   "L_RankGAN": c.lambda_gan * c.disc_weight}
-        for ch in chunks:  # the decoder's step, Eq. 4
-            with amp:
-                images = s.vq.decode(ch.codes)
-                recon = s.vq.decode(ch.gt_codes)
-                with torch.no_grad():
-                    ema_images = s.ema.decode(ch.codes)
-                if c.clamp_policy_images:
-                    images, ema_images = images.clamp(-1, 1), ema_images.clamp(-1, 1)
-                terms = {"L_rec": rec_loss(recon, ch.real, c.rec_kind, s.lpips, c.perceptual_weight),
-                         "L_cons": cons_loss(images, ema_images, s.lpips if c.cons_kind == "lpips" else None)}
-                if c.lambda_bp > 0:  # Eq. 5; top_k weights it as the release does (weight 1 at select_k = 1)
-                    terms["L_BP"] = bp_loss(s.reward, images, ch.texts, ch.sel_w if top_k else None)
-                w = dict(weights)
-                if gan_on and c.lambda_gan > 0:
-                    terms["L_RankGAN"] = rank_gan_loss(s.disc(images), ch.sel_w, c.gen_loss)
-                if gan_on and c.rec_gan:  # the tokenizer's own GAN term on the reconstructions (VQGAN's weight)
-                    terms["L_GAN_rec"] = gen_adv_loss(s.disc(recon), c.gen_loss).mean()
-                    w["L_GAN_rec"] = c.lambda_rec * c.disc_weight * adaptive_weight(
-                        terms["L_rec"], terms["L_GAN_rec"], s.vq.decoder.conv_out.weight)
-                loss = sum(w[k] * v for k, v in terms.items())
+        for ch in chunks:  # Eq. 4, its gradients accumulated over the chunks
+            terms, weights = decoder_terms(s, c, ch, gan_on, global_step)
             for k, v in terms.items():
                 check_finite(v, k, step)
-            s.scaler.scale(loss / len(chunks)).backward()
+            s.scaler.scale(sum(weights[k] * v for k, v in terms.items()) / len(chunks)).backward()
             stats.append({k: v.item() for k, v in terms.items()})
-            ch.fakes = (recon if c.disc_fakes == "reconstructions" else images).detach()
         all_reduce_grads(decoder_parameters(s.vq), world)
         s.scaler.unscale_(s.opt)
         torch.nn.utils.clip_grad_norm_(decoder_parameters(s.vq), c.decoder_grad_clip)
@@ -199,6 +188,68 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
     metrics = mean_stats(stats, world, dev)
     metrics.update(decoder_time_s=time.time() - t0, decoder_peak_gb=peak_memory_gb(dev))
     return metrics
+
+
+def select(c, R, rnd, step, global_step):
+    """A step's rollouts (indices into R) and their weights: whole prompt groups, ranked within each group
+    (Eq. 6: w = G softmax(r / tau)) or across the step (rank_softmax = 'batch'); or (selection = 'top_k',
+    the release) the select_k best of each group, weighted K softmax(r / T) as T anneals."""
+    G = c.group_size
+    n_groups, top_k = len(R["rewards"]) // G, c.selection == "top_k"
+    groups_per_step = c.decoder_chunks * c.decoder_batch // (c.select_k if top_k else G)
+    groups = torch.randperm(n_groups, generator=rng(c.seed, rnd, step, "groups")).repeat(groups_per_step // n_groups + 1)
+    idx = (groups[:groups_per_step, None] * G + torch.arange(G)).flatten()
+    if not top_k:
+        return idx, rank_weights(R["rewards"][idx], c.tau, G if c.rank_softmax == "group" else None)
+    temp = schedule("sin", global_step, 0, c.select_anneal * c.rounds * c.decoder_steps,
+                    c.select_temp_start, c.select_temp_end)
+    keep, sel_w = top_k_weights(R["rewards"][idx], G, c.select_k, temp)
+    return idx[keep], sel_w
+
+
+def load_chunks(s, c, R, idx, sel_w, rnd, step, rank, world):
+    """This rank's chunks of the step: decoder_batch selected rollouts (codes, weights, prompts) and
+    real_batch real training images drawn by (seed, round, step, chunk) with their ground-truth codes."""
+    chunks = []
+    for k in range(rank, c.decoder_chunks, world):
+        rows = idx[k * c.decoder_batch:(k + 1) * c.decoder_batch]
+        real_idx = torch.randint(len(s.pairs), (c.real_batch,), generator=rng(c.seed, rnd, step, k, "real"))
+        real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in real_idx]).to(c.device)
+        chunks.append(SimpleNamespace(codes=R["codes"][rows].to(c.device),
+                                      sel_w=sel_w[k * c.decoder_batch:(k + 1) * c.decoder_batch].to(c.device),
+                                      texts=[s.prompts[i] for i in R["prompt_ids"][rows]],
+                                      real=real, gt_codes=gt_codes(s, real_idx.tolist(), real)))
+    return chunks
+
+
+def decoder_terms(s, c, ch, gan_on, global_step):
+    """Eq. 4's terms on a chunk and their weights: L_rec on the real images' ground-truth codes (Eq. 7),
+    L_cons to the EMA decoder on the rollouts (Eq. 8), L_BP (Eq. 5) and Rank-GAN (Eq. 6) on the rollouts'
+    decodings; with rec_gan (the release) the tokenizer's GAN term on the reconstructions. Leaves the
+    discriminator's fakes in ch.fakes."""
+    top_k = c.selection == "top_k"
+    lambda_cons = c.lambda_cons if c.cons_schedule == "none" else schedule(
+        c.cons_schedule, global_step, c.cons_start_step, c.cons_end_step, c.cons_start_value, c.cons_end_value)
+    weights = {"L_rec": c.lambda_rec, "L_cons": lambda_cons, "L_BP": c.lambda_bp, "L_RankGAN": c.lambda_gan * c.disc_weight}
+    with autocast(c):
+        images = s.vq.decode(ch.codes)
+        recon = s.vq.decode(ch.gt_codes)
+        with torch.no_grad():
+            ema_images = s.ema.decode(ch.codes)
+        if c.clamp_policy_images:
+            images, ema_images = images.clamp(-1, 1), ema_images.clamp(-1, 1)
+        terms = {"L_rec": rec_loss(recon, ch.real, c.rec_kind, s.lpips, c.perceptual_weight),
+                 "L_cons": cons_loss(images, ema_images, s.lpips if c.cons_kind == "lpips" else None)}
+        if c.lambda_bp > 0:  # Eq. 5; top_k weights it as the release does (weight 1 at select_k = 1)
+            terms["L_BP"] = bp_loss(s.reward, images, ch.texts, ch.sel_w if top_k else None)
+        if gan_on and c.lambda_gan > 0:
+            terms["L_RankGAN"] = rank_gan_loss(s.disc(images), ch.sel_w, c.gen_loss)
+        if gan_on and c.rec_gan:  # the tokenizer's own GAN term on the reconstructions (VQGAN's weight)
+            terms["L_GAN_rec"] = gen_adv_loss(s.disc(recon), c.gen_loss).mean()
+            weights["L_GAN_rec"] = c.lambda_rec * c.disc_weight * adaptive_weight(
+                terms["L_rec"], terms["L_GAN_rec"], s.vq.decoder.conv_out.weight)
+    ch.fakes = (recon if c.disc_fakes == "reconstructions" else images).detach()
+    return terms, weights
 
 
 def gt_codes(s, idx, real):

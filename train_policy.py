@@ -11,7 +11,10 @@ stages hand over plain safetensors files (this stage's rollouts, the other stage
 this script runs Stage 1 from a round folder and writes the policy, pi_ref, their optimizer state and
 the rollouts into a new folder (the paper's Std. RL is `python ranke.py --mode=policy_only`):
 
-    python train_policy.py --init_from=out/ranke/round_0003 --out_dir=out/stage1 [--policy_steps=N]
+    python train_policy.py [RUN_CONFIG] --init_from=out/ranke/round_0003 --out_dir=out/stage1 [--policy_steps=N]
+
+with the settings at the top of this file (and common.py's), as the loop runs them; give the run's config
+file as the loop was given it.
 """
 import os
 import sys
@@ -22,9 +25,9 @@ import torch
 
 import common
 from checkpoint import atomic_save
-from common import (all_gather, all_reduce_grads, autocast, caption_features, check_finite, grad_scaler,
+from common import (all_gather, all_reduce_grads, autocast, bad_switch, caption_features, check_finite, grad_scaler,
                     load_optimizer, mean_stats, peak_memory_gb, read_prompts, reset_peak_memory, rng, save_model,
-                    save_optimizer)
+                    save_optimizer, split_hint)
 from losses import ema_update, group_advantages, grpo_loss, run_reward
 from model_ar import decode_one_token, generate, token_logprobs
 from model_vq import load_decoder, load_vq
@@ -63,6 +66,36 @@ reward_decoder = "decoder"  # decodes rollouts for the reward: 'decoder' (Stage 
 init_from = ""  # standalone: the round folder to start from
 SWITCHES = {"logprob": ("sampler", "cond_only"), "old_logprobs": ("recompute", "sampler"),
             "kl_estimator": ("k3", "k2"), "reward_decoder": ("decoder", "ema")}
+
+
+def check(c, world=1):
+    """This stage's settings on `world` ranks: the first that cannot run, as a message saying how to fix
+    it; '' if none (ranke.py and this script alone run the same checks)."""
+    msg = bad_switch(c, SWITCHES)
+    if msg:
+        return msg
+    if c.logprob == "cond_only" and c.old_logprobs == "sampler":
+        return ("logprob=cond_only needs old_logprobs=recompute: the sampler's log-probs are of the guided "
+                "distribution, so the PPO ratio would compare two different distributions")
+    if c.prompts_per_step % c.prompts_per_chunk:
+        return f"prompts_per_step ({c.prompts_per_step}) must be a multiple of prompts_per_chunk ({c.prompts_per_chunk})"
+    if c.sample_batch < 0 or c.sample_batch % c.prompts_per_chunk:
+        return (f"sample_batch ({c.sample_batch}) must be 0 (all of a rank's prompts in one sampler call) or a "
+                f"multiple of prompts_per_chunk ({c.prompts_per_chunk})")
+    n = c.prompts_per_step // c.prompts_per_chunk
+    if n % world:
+        fits = [k for k in range(c.prompts_per_chunk, 0, -1)
+                if c.prompts_per_step % k == 0 and (c.prompts_per_step // k) % world == 0]
+        return (f"a GRPO step's {n} prompt chunks (prompts_per_step {c.prompts_per_step} / prompts_per_chunk "
+                f"{c.prompts_per_chunk}) cannot be dealt evenly to {world} ranks: set "
+                + (f"prompts_per_chunk={fits[0]} or " if fits else "")
+                + f"prompts_per_step={split_hint(n, world) * c.prompts_per_chunk}")
+    if c.ref_update_every < 1:
+        return f"ref_update_every must be >= 1, not {c.ref_update_every}"
+    prompts = read_prompts(c.train_prompts)
+    if len(prompts) < c.prompts_per_step:
+        return f"{c.train_prompts} has {len(prompts)} prompts, fewer than prompts_per_step ({c.prompts_per_step})"
+    return ""
 
 
 def init(c, d, reward, update=True):

@@ -8,7 +8,7 @@ ranke.py --mode=sft runs it round after round with the round files, resume and D
 a RankE run then starts from the SFT run's last round (--init_policy=out/sft/round_0010). Alone, from a
 round folder, as the next round:
 
-    python train_sft.py --init_from=out/sft/round_0003 --out_dir=out/sft_stage [--sft_steps=N]
+    python train_sft.py [RUN_CONFIG] --init_from=out/sft/round_0003 --out_dir=out/sft_stage [--sft_steps=N]
 """
 import os
 import sys
@@ -33,6 +33,14 @@ sft_uncond = 0.1  # captions dropped to the null caption (LlamaGen trains with 0
 sft_grad_clip = 1.0
 init_from = ""  # standalone: the round folder to start from
 SWITCHES = {}
+
+
+def check(c, world=1):
+    """This stage's settings on `world` ranks: the first that cannot run, as a message; '' if none."""
+    if c.sft_chunks % world:
+        return (f"an SFT step's {c.sft_chunks} chunks (sft_chunks) cannot be dealt evenly to {world} ranks: "
+                f"set sft_chunks={common.split_hint(c.sft_chunks, world)}")
+    return ""
 
 
 def init(c, d):
@@ -98,7 +106,8 @@ def save(s, d):
 
 
 if __name__ == "__main__":
-    c = common.standalone_config(sys.modules[__name__])
+    import train_policy  # its AdamW betas and weight decay
+    c = common.standalone_config(sys.modules[__name__], uses=(train_policy,))
     s = init(c, c.init_from)
     m = run(s, c, c.round)
     common.standalone_finish(c, m, lambda folder: save(s, folder))

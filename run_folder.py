@@ -1,0 +1,145 @@
+"""A run's folder, for ranke.py: round_NNNN folders (written as .tmp, then renamed), the base round, the
+files a round did not change carried over as links, retention, resuming, and the run's log
+(metrics.jsonl and the round line). The method itself is in train_policy.py and train_decoder.py.
+
+    out_dir/round_0000/   the base: policy (= the first pi_ref) and decoder (= the first EMA decoder)
+    out_dir/round_NNNN/   every save: both stages' models and optimizer states, the round's rollouts, meta.json
+    out_dir/handover/     the stages' hand-over files, rewritten every round
+    out_dir/metrics.jsonl a line a round, and one an evaluation
+"""
+import json
+import os
+import secrets
+import shutil
+
+import torch
+
+import common
+import train_decoder
+import train_policy
+import train_sft
+from common import (autocast, barrier, caption_features, commit_round, read_meta, read_prompts, round_dir, save_grid,
+                    save_model)
+from model_ar import generate
+from model_vq import load_vq, save_decoder
+
+ROUND_FILES = ["policy.safetensors", "policy_ref.safetensors", "opt_policy.safetensors", "decoder.safetensors",
+               "decoder_ema.safetensors", "disc.safetensors", "opt_decoder.safetensors", "opt_disc.safetensors"]
+# what a resumed run must share with the run in out_dir (the world size is free: it changes no result)
+COMPATIBLE = common.MODEL_KEYS + ("init_policy", "seed", "mode", "policy_steps", "decoder_steps", "prompts_per_step",
+                                  "prompts_per_chunk", "decoder_chunks", "decoder_batch", "real_batch")
+
+
+def last_round(out_dir):
+    """The number of the last complete round, -1 if none."""
+    done = [int(d[6:]) for d in os.listdir(out_dir) if d.startswith("round_") and d[6:].isdigit()] \
+        if os.path.isdir(out_dir) else []
+    return max(done, default=-1)
+
+
+def begin_round(out_dir, k):
+    tmp = round_dir(out_dir, k) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # what a crashed attempt left
+    os.makedirs(tmp)
+    return tmp
+
+
+def carry_over(src_dir, dst_dir, names):
+    """Files a stage did not change this round: hard links to the previous round's (copies where
+    links are not possible), so every round folder is complete on its own."""
+    for n in names:
+        src, dst = os.path.join(src_dir, n), os.path.join(dst_dir, n)
+        if os.path.exists(src) and not os.path.exists(dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+
+def base_round(c):
+    """round_0000: the base policy (also the first pi_ref) and decoder (also the first EMA decoder)."""
+    tmp = begin_round(c.out_dir, 0)
+    policy = common.load_policy(c, os.path.join(c.init_policy, "policy.safetensors") if c.init_policy else c.gpt_ckpt)
+    save_model(policy, os.path.join(tmp, "policy.safetensors"))
+    os.link(os.path.join(tmp, "policy.safetensors"), os.path.join(tmp, "policy_ref.safetensors"))
+    vq = load_vq(c.vq_ckpt, c.vq_model)
+    save_decoder(vq, os.path.join(tmp, "decoder.safetensors"))
+    os.link(os.path.join(tmp, "decoder.safetensors"), os.path.join(tmp, "decoder_ema.safetensors"))
+    commit_round(tmp, {"round": 0, "run_id": c.run_id, "config": vars(c), "metrics": {}})
+
+
+def open_run(c, rank, world):
+    """The round the run starts from: 0 for a new run (rank 0 writes round_0000), or the last saved round
+    of the run already in out_dir, which must be of the same settings (COMPATIBLE) and prompts. Sets
+    c.run_id, which tags the run's hand-over files."""
+    start = last_round(c.out_dir)
+    if start >= 0:
+        old = read_meta(round_dir(c.out_dir, start))["config"]
+        changed = [k for k in COMPATIBLE if old.get(k) != getattr(c, k)]
+        if not c.resume or changed or old.get("prompts_sha1") != c.prompts_sha1:
+            raise SystemExit(f"{c.out_dir} already holds a run up to round {start}"
+                             + (f" with other {', '.join(changed)}" if changed else "")
+                             + ": choose another out_dir (nothing was overwritten)")
+        if rank == 0:
+            print(f"resuming from {round_dir(c.out_dir, start)} (last saved round)")
+    elif rank == 0:
+        c.run_id = secrets.token_hex(8)
+        os.makedirs(c.out_dir, exist_ok=True)
+        base_round(c)
+    barrier(world)
+    start = max(start, 0)
+    c.run_id = read_meta(round_dir(c.out_dir, start))["run_id"]
+    return start
+
+
+@torch.no_grad()
+def sample_grid(c, policy, vq, path):
+    """The first `sample_prompts` training prompts, seed `seed`, with the given policy and decoder."""
+    prompts = read_prompts(c.train_prompts)[:c.sample_prompts]
+    cond, mask = (t.to(c.device) for t in caption_features(prompts, c, policy.config.cls_token_num))
+    gen = torch.Generator(c.device).manual_seed(c.seed)
+    with autocast(c):
+        codes = generate(policy, cond, mask, c.cfg_scale, c.temperature, c.top_k, c.top_p, generator=gen)
+        policy.free_cache()
+        save_grid(vq.decode(codes).clamp(-1, 1), path, nrow=min(8, len(prompts)))
+
+
+def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
+    """The full state after round rnd as a round folder (rank 0), written as .tmp and renamed; files
+    this mode does not change are hard links to the last saved round's. Then retention: the last
+    `keep_last` saves, round 0 and every `keep_every`-th stay."""
+    last = round_dir(c.out_dir, last_round(c.out_dir))
+    tmp = begin_round(c.out_dir, rnd)
+    if policy.update:
+        (train_sft if c.mode == "sft" else train_policy).save(policy, tmp)
+    if decoder is not None:
+        train_decoder.save(decoder, tmp)
+    carry_over(os.path.dirname(rollouts_file), tmp, ["rollouts.safetensors"])  # replaced, never rewritten: a link is safe
+    carry_over(last, tmp, ROUND_FILES)
+    if c.sample_every and rnd % c.sample_every == 0:
+        sample_grid(c, policy.policy, policy.vq, os.path.join(tmp, "samples.png"))
+    commit_round(tmp, {"round": rnd, "run_id": c.run_id, "config": vars(c), "metrics": metrics})
+    saved = sorted(int(x[6:]) for x in os.listdir(c.out_dir) if x.startswith("round_") and x[6:].isdigit())
+    for old in saved[:-c.keep_last]:
+        if old and old % c.keep_every:
+            shutil.rmtree(round_dir(c.out_dir, old), ignore_errors=True)
+
+
+def log_metrics(out_dir, record):
+    """One line of the run's metrics.jsonl (a round's training metrics, or an evaluation)."""
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def log_line(rnd, m):
+    keys = ["L_sft", "reward", "kl", *sorted(k for k in m if k.startswith("clip_frac_epoch")), "ratio_dev_epoch1", "entropy",
+            "zero_adv_groups", "L_rec", "L_cons", "L_BP", "L_RankGAN", "L_GAN_rec", "L_disc", "disc_acc"]
+    parts = [f"{k} {m[k]:.4g}" for k in keys if k in m]
+    times = [f"{s} {m[s + '_time_s']:.1f}s {m[s + '_peak_gb']:.2f}GB" for s in ("policy", "decoder") if s + "_time_s" in m]
+    return f"round {rnd} | " + " | ".join(parts + times)
+
+
+def eta(elapsed, done, left):
+    """The run's time left, from the mean time of the rounds done so far (their evaluations included)."""
+    sec = round(elapsed / done * left)
+    return f"{sec // 3600}h{sec // 60 % 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
