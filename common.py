@@ -177,17 +177,34 @@ def standalone_config(module, argv=None, uses=()):
     if msg:
         raise SystemExit(msg)
     c.prompts_sha1 = file_sha1(c.train_prompts)
-    differ = [f"{k} {run.get(k)!r}" for k in MODEL_KEYS if run.get(k) != getattr(c, k)]
-    if meta["config"].get("prompts_sha1") != c.prompts_sha1:
-        differ.append(f"train_prompts {run.get('train_prompts')!r} (other contents than {c.train_prompts!r})")
-    if differ:
-        raise SystemExit(f"{init_from} comes from a run with {', '.join(differ)}: give that run's config file "
-                         f"first (python {os.path.basename(module.__file__)} CONFIG --init_from=...) or its values")
+    check_round(c, init_from, os.path.basename(module.__file__), prompts=True)
     if os.path.exists(c.out_dir) and os.listdir(c.out_dir):
         raise SystemExit(f"{c.out_dir} is not empty: choose another out_dir (nothing was overwritten)")
     c.run_id, c.round = meta["run_id"], meta["round"] + 1
     c.t5_cache = os.path.join(os.path.dirname(os.path.abspath(init_from)), "t5_cache.safetensors")  # the run's
     return c
+
+
+def saved_round(run, k=-1):
+    """Round folder k of run folder `run` (-1: the last saved), or one message naming the rounds it has."""
+    saved = sorted(int(x[6:]) for x in os.listdir(run) if x.startswith("round_") and x[6:].isdigit()) \
+        if os.path.isdir(run) else []
+    k = saved[-1] if k == -1 and saved else k
+    if k not in saved:
+        raise SystemExit(f"{run} has no round {k}: its saved rounds are {saved or 'none'}")
+    return round_dir(run, k)
+
+
+def check_round(c, d, script, prompts=False):
+    """Round folder d must come from a run of c's models and group size (and, with `prompts`, of its
+    training prompts): else one message naming what differs and how to fix it."""
+    run = read_meta(d)["config"]
+    differ = [f"{k} {run.get(k)!r}" for k in MODEL_KEYS if run.get(k) != getattr(c, k)]
+    if prompts and run.get("prompts_sha1") != c.prompts_sha1:
+        differ.append(f"train_prompts {run.get('train_prompts')!r} (other contents than {c.train_prompts!r})")
+    if differ:
+        raise SystemExit(f"{d} comes from a run with {', '.join(differ)}: give that run's config file "
+                         f"first (python {script} CONFIG ...) or its values")
 
 
 def standalone_finish(c, metrics, write):

@@ -47,12 +47,17 @@ eval_every = 5  # eval.py's metrics on round 0, every eval_every rounds and the 
 # ---------------------------------------------------------------- the loop
 
 
-def config(argv=None, **forced):
+def settings():
+    """Every setting of a run and its default: the shared ones, each stage's, the evaluation's, the loop's."""
     eval_keys = {k: v for k, v in defaults(evaluation).items()
                  if k.startswith(("eval_", "geneval_")) or k in ("feature_net", "feature_size", "fid_crop", "kl_smoothing",
                                                                "grid_prompts", "figure_prompts")}
-    return common.make_config({**defaults(common), **defaults(train_policy), **defaults(train_decoder),
-                               **defaults(train_sft), **eval_keys, **defaults(sys.modules[__name__])}, argv, **forced)
+    return {**defaults(common), **defaults(train_policy), **defaults(train_decoder), **defaults(train_sft), **eval_keys,
+            **defaults(sys.modules[__name__])}
+
+
+def config(argv=None, **forced):
+    return common.make_config(settings(), argv, **forced)
 
 
 def validate(c, rank, world):

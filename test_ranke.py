@@ -1157,6 +1157,54 @@ def test_a_stage_alone_runs_its_own_settings_and_checks(world, tmp_path, monkeyp
         common.standalone_config(train_policy, [world, f"--init_from={r1}", f"--out_dir={tmp_path / 'c'}", "--group_size=2"])
 
 
+def test_sample_draws_a_round_for_given_prompts(world, tmp_path):
+    """sample.py: a PNG per prompt and sample and a grid, from the last round or a given one; each image
+    drawn from its own seed (seed, prompt, sample), so one prompt a forward gives the same files; a round
+    the run lacks, an empty prompt and a prompt longer than the caption slots are refused with a message."""
+    import sample
+    run = tmp_path / "run"
+    ranke.main([world, f"--out_dir={run}", "--rounds=1", "--sample_every=0"])
+    prompts = ["a red circle", "two blue squares"]
+    args = [world, f"--run={run}", *(f"--prompt={p}" for p in prompts), "--n=2"]
+    out = sample.main(args)
+    assert out == str(run / "samples_round_0001")
+    files = sorted(os.listdir(out))
+    assert files == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png", "grid.png"]
+    again = sample.main(args + ["--batch=1", "--round=1", f"--out={tmp_path / 'again'}"])
+    assert all(np.array_equal(np.asarray(Image.open(os.path.join(out, f))), np.asarray(Image.open(os.path.join(again, f))))
+               for f in files[:4])
+    assert not np.array_equal(np.asarray(Image.open(os.path.join(out, files[0]))), np.asarray(Image.open(os.path.join(out, files[1]))))
+    base = sample.main([world, "--base=True", "--prompt=a red circle", "--n=1", f"--out={tmp_path / 'base'}"])
+    assert os.path.isfile(os.path.join(base, "grid.png"))
+    for bad, said in (([f"--run={run}", "--round=7", "--prompt=a red circle"], "has no round 7"),
+                      ([f"--run={run}", "--prompt= "], "none of them empty"),
+                      ([f"--run={run}", "--prompt=" + " ".join(["red"] * 12)], "longer than the 8 caption slots")):
+        with pytest.raises(SystemExit, match=said):
+            sample.main([world, *bad])
+
+
+def test_export_gives_llamagen_checkpoints_of_the_round(world, tmp_path):
+    """export.py writes a round as LlamaGen's own files: gpt.pt with the round's policy, vq.pt with the
+    round's decoder and the base tokenizer's encoder and codebook, under "model" with the base files'
+    keys; this project's strict loaders read them back, every tensor equal to the round's or the base's."""
+    import export
+    run = tmp_path / "run"
+    c = ranke.main([world, f"--out_dir={run}", "--rounds=1", "--sample_every=0"])
+    out = export.main([world, f"--run={run}", f"--out={tmp_path / 'export'}"])
+    r1 = str(run / "round_0001")
+    gpt_pt, vq_pt = (torch.load(os.path.join(out, f), weights_only=True)["model"] for f in ("gpt.pt", "vq.pt"))
+    base_gpt, base_vq = (torch.load(p, weights_only=True)["model"] for p in (c.gpt_ckpt, c.vq_ckpt))
+    assert gpt_pt.keys() == base_gpt.keys() and vq_pt.keys() == base_vq.keys()
+    policy, decoder = weights(r1, "policy.safetensors"), weights(r1, "decoder.safetensors")
+    assert not same(policy, {k: base_gpt[k] for k in policy}) and not same(decoder, {k: base_vq[k] for k in decoder})
+    loaded = model_ar.load_gpt(os.path.join(out, "gpt.pt"), c.gpt_model, **common.gpt_overrides(c)).state_dict()
+    assert same(loaded, policy)
+    vq = model_vq.load_vq(os.path.join(out, "vq.pt"), c.vq_model).state_dict()
+    assert all(torch.equal(vq[k], decoder[k] if k in decoder else base_vq[k]) for k in vq)
+    with pytest.raises(SystemExit, match="has no round 5"):
+        export.main([world, f"--run={run}", "--round=5"])
+
+
 def stage2_inputs(c, d, rollouts_path):
     """Run one Stage-2 round from round folder d, recording every code row the decoder decodes (with its
     image) and the fakes of the discriminator's own step (its inputs that carry no decoder gradient)."""
