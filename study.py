@@ -21,6 +21,7 @@ import sys
 import ranke
 from checkpoint import atomic_write
 from configurator import configure
+from figures import paired_table, study_curves, study_table
 
 # -- config --
 study_dir = "out/study"
@@ -77,50 +78,6 @@ def paired(runs, a, b):
     return last, out
 
 
-def paired_table(a, b, last, diffs):
-    lines = [f"{a} - {b} at round {last}, paired by seed (mean ± SE, 95% t-interval):", "",
-             "| metric | difference | 95% interval | n |", "|---|---|---|---|"]
-    lines += [f"| {k} | {m:.4g} ± {se:.2g} | [{lo:.4g}, {hi:.4g}] | {n} |" for k, (m, se, lo, hi, n) in diffs.items()]
-    return "\n".join(lines)
-
-
-def table(summary):
-    """Markdown: an arm a row, each metric at the arm's last round as mean +- SE (n seeds)."""
-    keys = [k for k in METRICS if any(k in s[max(s)] for s in summary.values())]
-    lines = ["| arm | round | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
-    for arm, s in summary.items():
-        last = max(s)
-        cells = [f"{s[last][k][0]:.4g} ± {s[last][k][1]:.2g}" if k in s[last] else "" for k in keys]
-        lines.append(f"| {arm} | {last} (n={max(v[2] for v in s[last].values())}) | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def curves(summary, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = [k for k in METRICS if any(k in m for s in summary.values() for m in s.values())]
-    width = 3.2 * len(keys) + 1.4  # 1.4 inches on the right for the legend
-    fig, axes = plt.subplots(1, len(keys), figsize=(width, 3.0), squeeze=False)
-    colour = {arm: plt.cm.tab20(i % 20) for i, arm in enumerate(summary)}  # one colour an arm in every panel
-    for ax, k in zip(axes[0], keys):
-        for arm, s in summary.items():
-            pts = [(r, *m[k][:2]) for r, m in sorted(s.items()) if k in m]
-            if pts:
-                x, mu, se = zip(*pts)
-                ax.plot(x, mu, marker="o", color=colour[arm])
-                ax.fill_between(x, [a - b for a, b in zip(mu, se)], [a + b for a, b in zip(mu, se)],
-                                color=colour[arm], alpha=0.15)
-        ax.set_title(k)
-        ax.set_xlabel("round")
-    handles = [plt.Line2D([], [], color=colour[arm], marker="o") for arm in summary]
-    fig.legend(handles, list(summary), loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1 - 1.4 / width, 1))
-    fig.savefig(path + ".tmp.png", dpi=100)
-    os.replace(path + ".tmp.png", path)
-    plt.close(fig)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = {"study_dir": study_dir, "arms": arms, "seeds": seeds}
@@ -138,12 +95,12 @@ def main(argv=None):
             ranke.main([*passed, *ARMS[arm], f"--seed={seed}", f"--out_dir={out}"])  # resumes; a finished run returns
             runs[arm].append(read_run(out))
     summary = summarise(runs)
-    text = table(summary)
+    text = study_table(summary, METRICS)
     if all(arm in runs and len(runs[arm]) > 1 for arm in PAIRED):
         text += "\n\n" + paired_table(*PAIRED, *paired(runs, *PAIRED))
     atomic_write(os.path.join(cfg["study_dir"], "study_table.md"), text + "\n")
     atomic_write(os.path.join(cfg["study_dir"], "study.json"), json.dumps(summary, indent=1))
-    curves(summary, os.path.join(cfg["study_dir"], "study_curves.png"))
+    study_curves(summary, os.path.join(cfg["study_dir"], "study_curves.png"), METRICS)
     print(text)
     return summary
 

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 import common
 import eval as evaluation
+import figures
+import geneval
 import losses
 import model_ar
 import model_vq
@@ -1607,10 +1609,10 @@ def test_geneval_rules_on_hand_made_detections():
     the mean over tags; a relation by hand: centres 30 px apart, boxes 10 wide, margin 0.1 x 20 = 2 px,
     so dx = -(30 - 2) / 30 = -0.93: "left of"."""
     box = lambda x, y, w=10: ([x, y, x + w, y + w, 0.9], None)
-    assert evaluation.relative_position([0, 0, 10, 10], [30, 0, 40, 10]) == {"left of"}
-    assert evaluation.relative_position([0, 30, 10, 40], [0, 0, 10, 10]) == {"below"}
-    assert evaluation.relative_position([30, 30, 40, 40], [0, 0, 10, 10]) == {"right of", "below"}
-    assert evaluation.relative_position([0, 0, 10, 10], [1, 1, 11, 11]) == set()  # within the margin: no relation
+    assert geneval.relative_position([0, 0, 10, 10], [30, 0, 40, 10]) == {"left of"}
+    assert geneval.relative_position([0, 30, 10, 40], [0, 0, 10, 10]) == {"below"}
+    assert geneval.relative_position([30, 30, 40, 40], [0, 0, 10, 10]) == {"right of", "below"}
+    assert geneval.relative_position([0, 0, 10, 10], [1, 1, 11, 11]) == set()  # within the margin: no relation
     colours = lambda table: (lambda name, found: [table[name][i] for i in range(len(found))])
     spec = lambda tag, *include, exclude=(): {"tag": tag, "prompt": "", "include": list(include), "exclude": list(exclude)}
     two_clocks = spec("counting", {"class": "clock", "count": 2}, exclude=[{"class": "clock", "count": 3}])
@@ -1637,15 +1639,15 @@ def test_geneval_rules_on_hand_made_detections():
         (spec("two_object", {"class": "bus", "count": 1}, {"class": "bird", "count": 1}), {"bus": [box(0, 0)], "bird": [box(9, 9)]}, {}, True),
     ]
     for s_, objects, table, want in cases:
-        assert evaluation.geneval_correct(objects, s_, colours(table)) == want, (s_, objects)
-    m = evaluation.geneval_scores([True, False, True, True], ["counting", "counting", "position", "colors"])
+        assert geneval.geneval_correct(objects, s_, colours(table)) == want, (s_, objects)
+    m = geneval.geneval_scores([True, False, True, True], ["counting", "counting", "position", "colors"])
     assert m == {"GenEval": (0.5 + 1 + 1) / 3, "GenEval_counting": 0.5, "GenEval_colors": 1.0, "GenEval_position": 1.0}
 
 
 def tiny_mask2former(path, size=384):
     """A random transformers Mask2Former over GenEval's 80 COCO classes (Swin backbone, 12 queries)."""
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
-    names = open(evaluation.GENEVAL_NAMES).read().split("\n")[:80]
+    names = open(geneval.GENEVAL_NAMES).read().split("\n")[:80]
     swin = SwinConfig(image_size=size, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], window_size=4,
                       out_features=["stage1", "stage2", "stage3", "stage4"])
     cfg = Mask2FormerConfig(backbone_config=swin, num_labels=80, id2label=dict(enumerate(names)), hidden_dim=32,
@@ -1663,7 +1665,7 @@ def test_geneval_scorer_with_a_tiny_mask2former(world, tmp_path):
     GenEval's layout is scored alone, refused whole if an image is missing or extra or a spec is broken."""
     tiny_mask2former(str(tmp_path / "m2f"))
     root = os.path.dirname(world)
-    scorer = evaluation.GenEval(str(tmp_path / "m2f"), f"{root}/clip.pt", clip_model=f"{root}/tiny-clip.json", quick_gelu=False)
+    scorer = geneval.GenEval(str(tmp_path / "m2f"), f"{root}/clip.pt", clip_model=f"{root}/tiny-clip.json", quick_gelu=False)
     # at 384 px, where transformers' post-processing takes its masks (it scales them to 384 x 384 first)
     img = Image.fromarray(torch.randint(0, 256, (384, 384, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy())
     found = scorer.objects(img, threshold=0.0)
@@ -1676,7 +1678,7 @@ def test_geneval_scorer_with_a_tiny_mask2former(world, tmp_path):
     assert torch.allclose(torch.tensor([b for _, b in ours]), torch.tensor([b for _, b in theirs]), atol=1e-6)  # it rounds to 6 places
     assert all(len(v) <= 16 and [b[4] for b, _ in v] == sorted((b[4] for b, _ in v), reverse=True) for v in found.values())
     name = next(iter(found))
-    assert set(scorer.colours(img, found[name], name)) <= set(evaluation.GENEVAL_COLORS)
+    assert set(scorer.colours(img, found[name], name)) <= set(geneval.GENEVAL_COLORS)
     metadata = tmp_path / "geneval.jsonl"
     specs = [{"tag": "single_object", "include": [{"class": "cow", "count": 1}], "prompt": "a red circle"},
              {"tag": "counting", "include": [{"class": "clock", "count": 2}], "exclude": [{"class": "clock", "count": 3}],
@@ -1712,7 +1714,7 @@ def test_geneval_scorer_with_a_tiny_mask2former(world, tmp_path):
         evaluation.main(args)
     metadata.write_text(json.dumps({"tag": "counting", "include": [{"class": "unicorn", "count": 2}], "prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="geneval.jsonl:1: not a GenEval spec"):
-        evaluation.read_geneval_specs(str(metadata))
+        geneval.read_geneval_specs(str(metadata))
 
 
 # ---------------------------------------------------------------- the shapes world
@@ -1856,7 +1858,7 @@ def test_study_summary_by_hand():
     s = study.summarise(runs)["a"]
     assert s[0]["CLIP"] == (40.0, 0.0, 3) and s[10]["FD"] == (10.0, pytest.approx(1.0), 2)
     assert s[10]["CLIP"][:2] == (43.0, pytest.approx(math.sqrt(4 / 3)))  # std 2, n 3
-    assert "| a | 10 (n=3) | 43 ± 1.2 | 10 ± 1 |" in study.table({"a": s})
+    assert "| a | 10 (n=3) | 43 ± 1.2 | 10 ± 1 |" in figures.study_table({"a": s}, study.METRICS)
 
 
 @pytest.mark.slow
