@@ -264,6 +264,8 @@ def fake_stages(c, fake):
     fake weights of FakeTensorMode `fake`: Stage 1's and Stage 2's state, sharing the reward."""
     import open_clip
 
+    import train_decoder
+    import train_policy
     from losses import LPIPS, patchgan, run_reward
     from model_vq import VQ_CONFIGS, VQModel, decoder_parameters
     create = open_clip.create_model
@@ -288,11 +290,11 @@ def fake_stages(c, fake):
         for m in filter(None, [policy, ref, vq1, vq2, ema, disc, lpips] + [r.model for _, r in reward.terms]):
             m.to_empty(device="cpu")
         prompts = ["a prompt"] * c.prompts_per_step
-        s1 = SimpleNamespace(reward=reward, update=True, prompts=prompts, policy=policy, ref=ref, vq=vq1, decode_fn=None,
-                             opt=torch.optim.AdamW(policy.parameters()), scaler=grad_scaler(c))
-        s2 = SimpleNamespace(reward=reward, prompts=prompts, pairs=[("image.png", "a prompt")] * 64, gt_codes={},
-                             vq=vq2, ema=ema, disc=disc, lpips=lpips, opt=torch.optim.AdamW(decoder_parameters(vq2)),
-                             opt_d=torch.optim.AdamW(disc.parameters()), scaler=grad_scaler(c), scaler_d=grad_scaler(c))
+        s1 = train_policy.Policy(policy, vq1, reward, prompts, ref=ref, opt=torch.optim.AdamW(policy.parameters()),
+                                 scaler=grad_scaler(c))
+        s2 = train_decoder.Decoder(vq2, ema, disc, torch.optim.AdamW(decoder_parameters(vq2)),
+                                   torch.optim.AdamW(disc.parameters()), grad_scaler(c), grad_scaler(c), reward, prompts,
+                                   [("image.png", "a prompt")] * 64, lpips)
     return s1, s2
 
 
@@ -662,9 +664,9 @@ if mode == "step":
     ref = GPT(policy.config).to(device).requires_grad_(False)
     ref.load_state_dict(policy.state_dict())
     g = torch.Generator().manual_seed(seed)
-    s = SimpleNamespace(prompts=["a prompt"] * 8, policy=policy, ref=ref, update=True, scaler=grad_scaler(c), decode_fn=decode_one_token,
-                        opt=torch.optim.AdamW(policy.parameters(), lr=1e-6), vq=SimpleNamespace(decode=lambda codes: codes),
-                        reward=lambda images, texts: torch.rand(len(texts), generator=g).to(device))
+    s = train_policy.Policy(policy, SimpleNamespace(decode=lambda codes: codes),
+                            lambda images, texts: torch.rand(len(texts), generator=g).to(device), ["a prompt"] * 8,
+                            ref=ref, opt=torch.optim.AdamW(policy.parameters(), lr=1e-6), scaler=grad_scaler(c))
     cond = torch.randn(1, c.cls_token_num, policy.config.caption_dim, device=device)
 
     def before(*args, rollout=train_policy.rollout):

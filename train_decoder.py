@@ -24,9 +24,12 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
 import common
 from checkpoint import read_state_dict
@@ -117,35 +120,51 @@ def check(c, world=1):
     return ""
 
 
+@dataclass
+class Decoder:
+    """Stage 2's state, in memory from round to round."""
+    vq: nn.Module  # the base tokenizer: its post_quant_conv + decoder train, its encoder and codebook frozen
+    ema: nn.Module  # the EMA decoder (L_cons's target)
+    disc: nn.Module  # the PatchGAN
+    opt: torch.optim.Optimizer  # the decoder's AdamW
+    opt_d: torch.optim.Optimizer  # the discriminator's
+    scaler: torch.amp.GradScaler
+    scaler_d: torch.amp.GradScaler
+    reward: Callable  # for L_BP
+    prompts: list  # the training prompts (the rollouts name them by index)
+    pairs: list  # the real training images and their captions
+    lpips: nn.Module = None  # L_rec's perceptual term (and L_cons with cons_kind = 'lpips')
+    gt_codes: dict = field(default_factory=dict)  # the real images' ground-truth codes, by pair, encoded once
+
+
 def init(c, d, reward=None, rank=0):
     """Stage 2's state from round folder d: the decoder being trained (on the base tokenizer's frozen
     encoder and codebook), its EMA, the discriminator, their AdamW states, LPIPS, the real images."""
     global _lpips_said
-    dev, s = c.device, SimpleNamespace(reward=reward)
-    s.prompts, s.pairs, s.gt_codes = read_prompts(c.train_prompts), read_pairs(c.train_pairs), {}
-    s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(dev)
-    s.vq.requires_grad_(False)
-    for p in decoder_parameters(s.vq):
+    dev = c.device
+    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(dev)
+    vq.requires_grad_(False)
+    for p in decoder_parameters(vq):
         p.requires_grad_(True)
-    s.ema = load_decoder(copy.deepcopy(s.vq), os.path.join(d, "decoder_ema.safetensors")).requires_grad_(False)
+    ema = load_decoder(copy.deepcopy(vq), os.path.join(d, "decoder_ema.safetensors")).requires_grad_(False)
     with torch.random.fork_rng():  # the same initial discriminator on every rank and world size
         torch.manual_seed(c.seed)
-        s.disc = patchgan(3, c.disc_ndf, c.disc_layers).to(dev)
+        disc = patchgan(3, c.disc_ndf, c.disc_layers).to(dev)
     if os.path.isfile(os.path.join(d, "disc.safetensors")):
-        s.disc.load_state_dict(read_state_dict(os.path.join(d, "disc.safetensors")))
-    s.lpips = None
+        disc.load_state_dict(read_state_dict(os.path.join(d, "disc.safetensors")))
+    lpips = None
     if c.lpips_vgg and c.lpips_lin:
-        s.lpips = LPIPS(c.lpips_vgg, c.lpips_lin).to(dev)
+        lpips = LPIPS(c.lpips_vgg, c.lpips_lin).to(dev)
     elif rank == 0 and not _lpips_said and c.perceptual_weight > 0:
         print("L_rec runs without its perceptual term: set lpips_vgg and lpips_lin to local LPIPS weights to add it")
         _lpips_said = True
-    s.opt = torch.optim.AdamW(decoder_parameters(s.vq), lr=c.decoder_lr, betas=c.decoder_betas,
-                              weight_decay=c.decoder_weight_decay)
-    s.opt_d = torch.optim.AdamW(s.disc.parameters(), lr=c.disc_lr, betas=c.disc_betas, weight_decay=c.disc_weight_decay)
-    load_optimizer(s.opt, os.path.join(d, "opt_decoder.safetensors"))
-    load_optimizer(s.opt_d, os.path.join(d, "opt_disc.safetensors"))
-    s.scaler, s.scaler_d = grad_scaler(c), grad_scaler(c)
-    return s
+    opt = torch.optim.AdamW(decoder_parameters(vq), lr=c.decoder_lr, betas=c.decoder_betas,
+                            weight_decay=c.decoder_weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=c.disc_betas, weight_decay=c.disc_weight_decay)
+    load_optimizer(opt, os.path.join(d, "opt_decoder.safetensors"))
+    load_optimizer(opt_d, os.path.join(d, "opt_disc.safetensors"))
+    return Decoder(vq, ema, disc, opt, opt_d, grad_scaler(c), grad_scaler(c), reward, read_prompts(c.train_prompts),
+                   read_pairs(c.train_pairs), lpips)
 
 
 def run(s, c, rnd, rollouts_path, rank=0, world=1):

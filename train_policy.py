@@ -19,9 +19,12 @@ file as the loop was given it.
 import os
 import sys
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
 import common
 from checkpoint import atomic_save
@@ -98,29 +101,40 @@ def check(c, world=1):
     return ""
 
 
+@dataclass
+class Policy:
+    """Stage 1's state, in memory from round to round."""
+    policy: nn.Module  # pi_theta
+    vq: nn.Module  # the frozen decoder that turns rollouts into images for the reward
+    reward: Callable  # R(images, prompts)
+    prompts: list  # the training prompts; rollouts name them by index
+    decode_fn: Callable = decode_one_token  # the sampler's decode step (compiled with compile_sampler)
+    update: bool = True  # False: rollouts only (decoder_only)
+    ref: nn.Module = None  # pi_ref, an EMA of pi_theta
+    opt: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None
+
+
 def init(c, d, reward, update=True):
     """Stage 1's state from round folder d: the policy, pi_ref and their AdamW state (when the stage
     updates the policy), and the frozen decoder that turns rollouts into images for the reward."""
-    dev, s = c.device, SimpleNamespace(reward=reward, update=update)
-    s.prompts = read_prompts(c.train_prompts)
-    s.policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(dev)
-    s.policy.grad_checkpoint = c.grad_checkpoint
-    s.decode_fn = decode_one_token
+    dev = c.device
+    policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(dev)
+    policy.grad_checkpoint = c.grad_checkpoint
+    decoder_file = "decoder.safetensors" if c.reward_decoder == "decoder" else "decoder_ema.safetensors"
+    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, decoder_file)).to(dev).requires_grad_(False)
+    s = Policy(policy, vq, reward, read_prompts(c.train_prompts), update=update)
     if c.compile_sampler:
         s.decode_fn = torch.compile(decode_one_token, mode="reduce-overhead" if dev.startswith("cuda") else None,
                                     fullgraph=True)
-    decoder_file = "decoder.safetensors" if c.reward_decoder == "decoder" else "decoder_ema.safetensors"
-    s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, decoder_file)).to(dev)
-    s.vq.requires_grad_(False)
     if update:
-        s.ref = common.load_policy(c, os.path.join(d, "policy_ref.safetensors")).to(dev)
-        s.ref.requires_grad_(False)
-        s.opt = torch.optim.AdamW(s.policy.parameters(), lr=c.policy_lr, betas=c.policy_betas,
+        s.ref = common.load_policy(c, os.path.join(d, "policy_ref.safetensors")).to(dev).requires_grad_(False)
+        s.opt = torch.optim.AdamW(policy.parameters(), lr=c.policy_lr, betas=c.policy_betas,
                                   weight_decay=c.policy_weight_decay)
         load_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
         s.scaler = grad_scaler(c)
     else:
-        s.policy.requires_grad_(False)
+        policy.requires_grad_(False)
     return s
 
 
