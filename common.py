@@ -66,6 +66,21 @@ def bad_switch(c, switches):
                  for k, v in switches.items() if getattr(c, k) not in v), "")
 
 
+# ranges of numeric settings: (test, the range in words); each stage lists its own in RANGES
+AT_LEAST_1 = (lambda v: v >= 1, ">= 1")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+POSITIVE = (lambda v: v > 0, "> 0")
+UNIT = (lambda v: 0 <= v <= 1, "within [0, 1]")
+BETAS = (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers within [0, 1), e.g. (0.9, 0.999)")
+RANGES = {"group_size": (lambda v: v >= 2, ">= 2 (a group of one has no ranking: its advantage is always 0)"),
+          "image_size": AT_LEAST_1, "clip_scale": POSITIVE, "hps_scale": POSITIVE, "aesthetic_scale": POSITIVE}
+
+
+def out_of_range(c, ranges):
+    """The first setting outside its range, as a message naming the range; '' if none."""
+    return next((f"{k} must be {want}, not {getattr(c, k)!r}" for k, (ok, want) in ranges.items() if not ok(getattr(c, k))), "")
+
+
 def split_hint(n, world, step=1):
     """The smallest multiple of `world` that is >= n and a multiple of `step`."""
     m = world * math.ceil(n / world)
@@ -78,7 +93,7 @@ def check(c, world=1):
     """The shared settings (switches, precision, models, data, reward): the first that cannot run, as one
     message saying how to fix it; '' if none. Each stage adds its own `check`, run alone or by ranke.py."""
     from losses import reward_terms
-    msg = bad_switch(c, SWITCHES)
+    msg = bad_switch(c, SWITCHES) or out_of_range(c, RANGES)
     if msg:
         return msg
     try:

@@ -43,6 +43,9 @@ resume = True  # continue from the last saved round in out_dir
 keep_last = 2  # saved rounds kept on disk (a GPT-XL round with optimizer states is ~13 GB) ...
 keep_every = 10  # ... besides round 0 and every keep_every-th, for evaluation
 eval_every = 5  # eval.py's metrics on round 0, every eval_every rounds and the last; 0 = off
+RANGES = {"rounds": common.NON_NEGATIVE, "save_every": (lambda v: v >= 1, ">= 1 (rounds between full saves)"),
+          "sample_every": common.NON_NEGATIVE, "sample_prompts": common.AT_LEAST_1, "keep_last": common.AT_LEAST_1,
+          "keep_every": common.AT_LEAST_1, "eval_every": common.NON_NEGATIVE}
 
 # ---------------------------------------------------------------- the loop
 
@@ -65,9 +68,7 @@ def validate(c, rank, world):
     loop's own settings, then the checks of the stages this mode runs (the same they run alone)."""
     stages = [common] + ([train_sft] if c.mode == "sft" else [train_policy]) + \
         ([train_decoder] if c.mode in ("ranke", "decoder_only") else [])
-    msg = common.bad_switch(c, {"mode": ("ranke", "policy_only", "decoder_only", "sft")})
-    if not msg and c.save_every < 1:
-        msg = f"save_every must be >= 1 (rounds between full saves), not {c.save_every}"
+    msg = common.bad_switch(c, {"mode": ("ranke", "policy_only", "decoder_only", "sft")}) or common.out_of_range(c, RANGES)
     if not msg and c.init_policy and not os.path.isfile(os.path.join(c.init_policy, "policy.safetensors")):
         msg = f"init_policy must be a round folder holding policy.safetensors (an SFT run's round_NNNN), not {c.init_policy!r}"
     msg = msg or next((m for m in (stage.check(c, world) for stage in stages) if m), "")

@@ -1373,6 +1373,27 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
         assert not (tmp_path / "new").exists()
 
 
+BAD_SETTINGS = [  # (key, a value out of its range): issue 25's list, and the ranges the paper's quantities have
+    ("group_size", 1), ("group_size", 0), ("prompts_per_chunk", 0), ("prompts_per_step", 0), ("policy_steps", 0),
+    ("decoder_steps", 0), ("policy_lr", -1e-4), ("decoder_lr", -1e-4), ("disc_lr", 0), ("temperature", 0),
+    ("cfg_scale", 0.5), ("cfg_scale", -3), ("top_k", -5), ("top_p", 0), ("top_p", 1.5),
+    ("beta", -1), ("clip_eps", -0.2), ("clip_eps", 1), ("ema_decay", 2), ("ref_decay", -1), ("ppo_epochs", 0),
+    ("keep_every", 0), ("keep_last", 0), ("rounds", -1), ("sample_batch", -2), ("decoder_chunks", 0),
+    ("decoder_batch", 0), ("real_batch", 0), ("policy_betas", (0.9, 1.5)), ("decoder_betas", (0.5,)),
+    ("lambda_gan", -0.5), ("lambda_rec", -1), ("disc_start", -1), ("policy_grad_clip", 0), ("tau", 0),
+    ("ref_update_every", 0), ("clip_scale", 0), ("sft_chunks", 0), ("sft_uncond", 1.5)]
+
+
+def test_every_numeric_setting_out_of_range_is_refused_by_name(world):
+    """One table: each setting outside its range stops the start (ranke.validate, before anything is
+    written) with one message that names it and says what would work."""
+    for key, value in BAD_SETTINGS:
+        mode = ["--mode=sft"] if key.startswith("sft_") else []
+        with pytest.raises(SystemExit, match=rf"^{key} must be (>|within|two numbers)") as e:
+            ranke.validate(ranke.config([world, f"--{key}={value}", *mode]), 0, 1)
+        assert repr(value) in str(e.value) or str(value) in str(e.value), (key, str(e.value))
+
+
 def test_sft_fits_the_real_codes_and_starts_a_ranke_run(world, tmp_path):
     """--mode=sft: next-token cross-entropy on the real images' ground-truth codes (here measured
     independently of train_sft, on every pair) falls; dropped captions are the null caption (with all

@@ -33,9 +33,9 @@ import torch.nn as nn
 
 import common
 from checkpoint import read_state_dict
-from common import (all_reduce_grads, autocast, bad_switch, check_finite, grad_scaler, load_image, load_optimizer,
+from common import (AT_LEAST_1, BETAS, NON_NEGATIVE, POSITIVE, UNIT, all_reduce_grads, autocast, bad_switch, check_finite, grad_scaler, load_image, load_optimizer,
                     mean_stats, peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model,
-                    save_optimizer, split_hint)
+                    out_of_range, save_optimizer, split_hint)
 from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, gen_adv_loss, patchgan,
                     rank_gan_loss, rank_weights, rec_loss, reward_terms, run_reward, schedule, top_k_weights)
 from model_vq import decoder_parameters, load_decoder, load_vq, save_decoder
@@ -90,6 +90,13 @@ init_from = ""  # standalone: the round folder to start from
 SWITCHES = {"disc_fakes": ("policy", "reconstructions"), "gen_loss": ("hinge", "non_saturating"),
             "cons_kind": ("mse", "lpips"), "cons_schedule": ("none", "linear", "sin"),
             "selection": ("rank_softmax", "top_k"), "rank_softmax": ("group", "batch"), "rec_kind": ("l1", "l2")}
+RANGES = {"decoder_steps": AT_LEAST_1, "decoder_lr": POSITIVE, "decoder_weight_decay": NON_NEGATIVE,
+          "decoder_betas": BETAS, "disc_lr": POSITIVE, "disc_weight_decay": NON_NEGATIVE, "disc_betas": BETAS,
+          "disc_ndf": AT_LEAST_1, "disc_layers": AT_LEAST_1, "disc_start": NON_NEGATIVE, "disc_weight": NON_NEGATIVE,
+          "lambda_bp": NON_NEGATIVE, "lambda_gan": NON_NEGATIVE, "lambda_rec": NON_NEGATIVE, "lambda_cons": NON_NEGATIVE,
+          "tau": (lambda v: v > 0, "> 0 (inf = uniform weights; small = nearly best-of-N)"), "select_anneal": NON_NEGATIVE,
+          "ema_decay": UNIT, "perceptual_weight": NON_NEGATIVE, "decoder_batch": AT_LEAST_1, "real_batch": AT_LEAST_1,
+          "decoder_chunks": AT_LEAST_1, "decoder_grad_clip": POSITIVE}
 
 _lpips_said = False
 
@@ -97,7 +104,7 @@ _lpips_said = False
 def check(c, world=1):
     """This stage's settings on `world` ranks: the first that cannot run, as a message saying how to fix
     it; '' if none (ranke.py and this script alone run the same checks)."""
-    msg = bad_switch(c, SWITCHES)
+    msg = bad_switch(c, SWITCHES) or out_of_range(c, RANGES)
     if msg:
         return msg
     if c.selection != "top_k" and c.decoder_chunks * c.decoder_batch % c.group_size:
@@ -109,8 +116,6 @@ def check(c, world=1):
                 f"ranks: set decoder_chunks={split_hint(c.decoder_chunks, world, step)}")
     if "hpsv2" in reward_terms(c) and c.lambda_bp > 0:
         return "HPSv2 is a black-box reward: set lambda_bp=0 (Rank-GAN carries its signal to the decoder)"
-    if c.tau <= 0:
-        return f"tau must be > 0 (inf = uniform weights; small = nearly best-of-N), not {c.tau}"
     if not (1 <= c.select_k <= c.group_size and c.decoder_chunks * c.decoder_batch % c.select_k == 0):
         return f"select_k ({c.select_k}) must be within 1..group_size and divide decoder_chunks x decoder_batch"
     if min(c.select_temp_start, c.select_temp_end) <= 0:

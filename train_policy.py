@@ -28,9 +28,9 @@ import torch.nn as nn
 
 import common
 from checkpoint import atomic_save
-from common import (all_gather, all_reduce_grads, autocast, bad_switch, caption_features, check_finite, grad_scaler,
+from common import (AT_LEAST_1, BETAS, NON_NEGATIVE, POSITIVE, UNIT, all_gather, all_reduce_grads, autocast, bad_switch, caption_features, check_finite, grad_scaler,
                     load_optimizer, mean_stats, peak_memory_gb, read_prompts, reset_peak_memory, rng, save_model,
-                    save_optimizer, split_hint)
+                    out_of_range, save_optimizer, split_hint)
 from losses import ema_update, group_advantages, grpo_loss, run_reward
 from model_ar import decode_one_token, generate, token_logprobs
 from model_vq import load_decoder, load_vq
@@ -69,12 +69,19 @@ reward_decoder = "decoder"  # decodes rollouts for the reward: 'decoder' (Stage 
 init_from = ""  # standalone: the round folder to start from
 SWITCHES = {"logprob": ("sampler", "cond_only"), "old_logprobs": ("recompute", "sampler"),
             "kl_estimator": ("k3", "k2"), "reward_decoder": ("decoder", "ema")}
+RANGES = {"policy_steps": AT_LEAST_1, "policy_lr": POSITIVE, "policy_weight_decay": NON_NEGATIVE, "policy_betas": BETAS,
+          "prompts_per_step": AT_LEAST_1, "prompts_per_chunk": AT_LEAST_1, "sample_batch": NON_NEGATIVE,
+          "ppo_epochs": AT_LEAST_1, "clip_eps": (lambda v: 0 < v < 1, "within (0, 1)"), "beta": NON_NEGATIVE,
+          "ref_decay": UNIT, "ref_update_every": AT_LEAST_1, "cfg_scale": (lambda v: v >= 1, ">= 1 (1: no guidance)"),
+          "temperature": POSITIVE, "top_k": (lambda v: v >= 0, ">= 0 (0, or the codebook's size and above: no filter)"),
+          "top_p": (lambda v: 0 < v <= 1, "within (0, 1]"),
+          "policy_grad_clip": POSITIVE}
 
 
 def check(c, world=1):
     """This stage's settings on `world` ranks: the first that cannot run, as a message saying how to fix
     it; '' if none (ranke.py and this script alone run the same checks)."""
-    msg = bad_switch(c, SWITCHES)
+    msg = bad_switch(c, SWITCHES) or out_of_range(c, RANGES)
     if msg:
         return msg
     if c.logprob == "cond_only" and c.old_logprobs == "sampler":
@@ -82,7 +89,7 @@ def check(c, world=1):
                 "distribution, so the PPO ratio would compare two different distributions")
     if c.prompts_per_step % c.prompts_per_chunk:
         return f"prompts_per_step ({c.prompts_per_step}) must be a multiple of prompts_per_chunk ({c.prompts_per_chunk})"
-    if c.sample_batch < 0 or c.sample_batch % c.prompts_per_chunk:
+    if c.sample_batch % c.prompts_per_chunk:
         return (f"sample_batch ({c.sample_batch}) must be 0 (all of a rank's prompts in one sampler call) or a "
                 f"multiple of prompts_per_chunk ({c.prompts_per_chunk})")
     n = c.prompts_per_step // c.prompts_per_chunk
@@ -93,8 +100,6 @@ def check(c, world=1):
                 f"{c.prompts_per_chunk}) cannot be dealt evenly to {world} ranks: set "
                 + (f"prompts_per_chunk={fits[0]} or " if fits else "")
                 + f"prompts_per_step={split_hint(n, world) * c.prompts_per_chunk}")
-    if c.ref_update_every < 1:
-        return f"ref_update_every must be >= 1, not {c.ref_update_every}"
     prompts = read_prompts(c.train_prompts)
     if len(prompts) < c.prompts_per_step:
         return f"{c.train_prompts} has {len(prompts)} prompts, fewer than prompts_per_step ({c.prompts_per_step})"

@@ -33,10 +33,15 @@ sft_uncond = 0.1  # captions dropped to the null caption (LlamaGen trains with 0
 sft_grad_clip = 1.0
 init_from = ""  # standalone: the round folder to start from
 SWITCHES = {}
+RANGES = {"sft_steps": common.AT_LEAST_1, "sft_lr": common.POSITIVE, "sft_batch": common.AT_LEAST_1,
+          "sft_chunks": common.AT_LEAST_1, "sft_uncond": common.UNIT, "sft_grad_clip": common.POSITIVE}
 
 
 def check(c, world=1):
     """This stage's settings on `world` ranks: the first that cannot run, as a message; '' if none."""
+    msg = common.out_of_range(c, RANGES)
+    if msg:
+        return msg
     if c.sft_chunks % world:
         return (f"an SFT step's {c.sft_chunks} chunks (sft_chunks) cannot be dealt evenly to {world} ranks: "
                 f"set sft_chunks={common.split_hint(c.sft_chunks, world)}")
