@@ -395,13 +395,13 @@ def count_step(c, world):
             m.register_forward_pre_hook(part(name))
         gt = set()
 
-        def gt_codes(*args, encode=train_decoder.gt_codes):
+        def gt_codes(*args, encode=train_decoder.encode_once):
             out = encode(*args)
             gt.add(id(out))
             return out
         s2.vq.decode = part(lambda codes: ("decoder: ground-truth codes" if id(codes) in gt else "decoder: rollouts")
                             + ("" if torch.is_grad_enabled() else ", no grad"), s2.vq.decode)
-        with mock.patch.multiple(train_decoder, gt_codes=gt_codes, rec_loss=part("L_rec: L1 + LPIPS", train_decoder.rec_loss),
+        with mock.patch.multiple(train_decoder, encode_once=gt_codes, rec_loss=part("L_rec: L1 + LPIPS", train_decoder.rec_loss),
                                  cons_loss=part(f"L_cons: {c.cons_kind}", train_decoder.cons_loss),
                                  disc_step=phase("discriminator step", train_decoder.disc_step)):
             count.phase = "decoder step"

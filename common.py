@@ -200,10 +200,15 @@ def standalone_config(module, argv=None, uses=()):
     return c
 
 
+def saved_rounds(run):
+    """The numbers of run folder `run`'s complete round folders, in order ([] if none)."""
+    return sorted(int(x[6:]) for x in os.listdir(run) if x.startswith("round_") and x[6:].isdigit()) \
+        if os.path.isdir(run) else []
+
+
 def saved_round(run, k=-1):
     """Round folder k of run folder `run` (-1: the last saved), or one message naming the rounds it has."""
-    saved = sorted(int(x[6:]) for x in os.listdir(run) if x.startswith("round_") and x[6:].isdigit()) \
-        if os.path.isdir(run) else []
+    saved = saved_rounds(run)
     k = saved[-1] if k == -1 and saved else k
     if k not in saved:
         raise SystemExit(f"{run} has no round {k}: its saved rounds are {saved or 'none'}")
@@ -468,10 +473,23 @@ def read_meta(d):
         return json.load(f)
 
 
-def load_round(c, d):
-    """Round folder d's policy and its decoder (on the base tokenizer's encoder and codebook), on c.device."""
+def encode_once(cache, vq, idx, image):
+    """The frozen tokenizer's codes of training pairs `idx` (B x h*w, on the CPU): each pair is encoded the
+    first time it is drawn and kept in `cache`, as the encoder and the codebook never change. image(i):
+    pair i's image, 3 x H x W on the tokenizer's device."""
+    new = sorted({i for i in idx if i not in cache})
+    if new:
+        with torch.no_grad():
+            cache.update(zip(new, vq.encode(torch.stack([image(i) for i in new])).cpu()))
+    return torch.stack([cache[i] for i in idx])
+
+
+def load_round(c, d, decoder="decoder"):
+    """Round folder d's policy and its decoder (or its EMA, decoder='ema'), on the base tokenizer's
+    encoder and codebook, on c.device."""
     policy = load_policy(c, os.path.join(d, "policy.safetensors")).to(c.device)
-    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
+    file = "decoder.safetensors" if decoder == "decoder" else "decoder_ema.safetensors"
+    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, file)).to(c.device)
     return policy, vq
 
 

@@ -20,7 +20,7 @@ import ranke
 from checkpoint import read_state_dict
 from configurator import defaults
 from model_janus import export_janus
-from model_vq import decoder_state_dict, load_decoder, load_vq
+from model_vq import decoder_state_dict
 
 # -- config --
 run = "out/ranke"  # a run folder (round_NNNN inside)
@@ -42,13 +42,13 @@ def main(argv=None):
     d = common.saved_round(c.run, c.round)
     common.check_round(c, d, "export.py")
     out = c.out or os.path.join(c.run, "export_" + os.path.basename(d))
-    vq = load_vq(c.vq_ckpt, c.vq_model)
-    load_decoder(vq, os.path.join(d, "decoder.safetensors" if c.decoder == "decoder" else "decoder_ema.safetensors"))
+    c.device = "cpu"
+    policy, vq = common.load_round(c, d, c.decoder)
     if c.backbone == "janus":
-        export_janus(common.load_policy(c, os.path.join(d, "policy.safetensors")), vq, c.gpt_ckpt, out)
+        export_janus(policy, vq, c.gpt_ckpt, out)
     else:
         os.makedirs(out, exist_ok=True)
-        save_pt(read_state_dict(os.path.join(d, "policy.safetensors")), os.path.join(out, "gpt.pt"))
+        save_pt(policy.state_dict(), os.path.join(out, "gpt.pt"))
         save_pt({**read_state_dict(c.vq_ckpt), **decoder_state_dict(vq)}, os.path.join(out, "vq.pt"))
     print(f"{d} exported to {out}")
     return out

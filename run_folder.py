@@ -32,9 +32,7 @@ COMPATIBLE = common.MODEL_KEYS + ("init_policy", "seed", "mode", "policy_steps",
 
 def last_round(out_dir):
     """The number of the last complete round, -1 if none."""
-    done = [int(d[6:]) for d in os.listdir(out_dir) if d.startswith("round_") and d[6:].isdigit()] \
-        if os.path.isdir(out_dir) else []
-    return max(done, default=-1)
+    return max(common.saved_rounds(out_dir), default=-1)
 
 
 def begin_round(out_dir, k):
@@ -119,8 +117,7 @@ def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
     if c.sample_every and rnd % c.sample_every == 0:
         sample_grid(c, policy.policy, policy.vq, os.path.join(tmp, "samples.png"))
     commit_round(tmp, {"round": rnd, "run_id": c.run_id, "config": vars(c), "metrics": metrics})
-    saved = sorted(int(x[6:]) for x in os.listdir(c.out_dir) if x.startswith("round_") and x[6:].isdigit())
-    for old in saved[:-c.keep_last]:
+    for old in common.saved_rounds(c.out_dir)[:-c.keep_last]:
         if old and old % c.keep_every:
             shutil.rmtree(round_dir(c.out_dir, old), ignore_errors=True)
 

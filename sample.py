@@ -22,7 +22,7 @@ from common import caption_features, init_dist, load_policy, read_prompts
 from configurator import defaults
 from model_ar import generate
 from model_janus import prompt_ids
-from model_vq import load_decoder, load_vq
+from model_vq import load_vq
 
 # -- config: what to sample; the sampler's settings (cfg_scale, temperature, top_k, top_p, seed) and the
 #    models are the run's, from its config file --
@@ -100,11 +100,12 @@ def main(argv=None):
     d, out = resolve(c)
     check_lengths(c, texts)
     c.t5_cache = os.path.join(c.run if d else out, "t5_cache.safetensors")  # a run's cache: its prompts are in it
-    policy = load_policy(c, os.path.join(d, "policy.safetensors") if d else c.gpt_ckpt).to(c.device).eval()
-    vq = load_vq(c.vq_ckpt, c.vq_model)
     if d:
-        load_decoder(vq, os.path.join(d, "decoder.safetensors" if c.decoder == "decoder" else "decoder_ema.safetensors"))
-    vq = vq.to(c.device).eval()
+        policy, vq = common.load_round(c, d, c.decoder)
+    else:
+        policy, vq = load_policy(c, c.gpt_ckpt).to(c.device), load_vq(c.vq_ckpt, c.vq_model).to(c.device)
+    policy.eval()
+    vq.eval()
     os.makedirs(out, exist_ok=True)
     if rank == 0 and c.backbone == "llamagen":  # T5 once for every prompt, into the cache the ranks read
         from model_ar import fill_t5_cache

@@ -33,9 +33,10 @@ import torch.nn as nn
 
 import common
 from checkpoint import read_state_dict
-from common import (AT_LEAST_1, BETAS, NON_NEGATIVE, POSITIVE, UNIT, all_reduce_grads, autocast, bad_switch, check_finite, grad_scaler, load_image, load_optimizer,
-                    mean_stats, peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model,
-                    out_of_range, save_optimizer, split_hint)
+from common import (AT_LEAST_1, BETAS, NON_NEGATIVE, POSITIVE, UNIT, all_reduce_grads, autocast, bad_switch,
+                    check_finite, encode_once, grad_scaler, load_image, load_optimizer, mean_stats, out_of_range,
+                    peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model, save_optimizer,
+                    split_hint)
 from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, gen_adv_loss, patchgan,
                     rank_gan_loss, rank_weights, rec_loss, reward_terms, run_reward, schedule, top_k_weights)
 from model_vq import decoder_parameters, load_decoder, load_vq, save_decoder
@@ -237,12 +238,13 @@ def load_chunks(s, c, R, idx, sel_w, rnd, step, rank, world):
     chunks = []
     for k in range(rank, c.decoder_chunks, world):
         rows = idx[k * c.decoder_batch:(k + 1) * c.decoder_batch]
-        real_idx = torch.randint(len(s.pairs), (c.real_batch,), generator=rng(c.seed, rnd, step, k, "real"))
+        real_idx = torch.randint(len(s.pairs), (c.real_batch,), generator=rng(c.seed, rnd, step, k, "real")).tolist()
         real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in real_idx]).to(c.device)
         chunks.append(SimpleNamespace(codes=R["codes"][rows].to(c.device),
                                       sel_w=sel_w[k * c.decoder_batch:(k + 1) * c.decoder_batch].to(c.device),
                                       texts=[s.prompts[i] for i in R["prompt_ids"][rows]],
-                                      real=real, gt_codes=gt_codes(s, real_idx.tolist(), real)))
+                                      real=real, gt_codes=encode_once(s.gt_codes, s.vq, real_idx,
+                                                                      lambda i: real[real_idx.index(i)]).to(c.device)))
     return chunks
 
 
@@ -274,17 +276,6 @@ def decoder_terms(s, c, ch, gan_on, global_step):
                 terms["L_rec"], terms["L_GAN_rec"], s.vq.decoder.conv_out.weight)
     ch.fakes = (recon if c.disc_fakes == "reconstructions" else images).detach()
     return terms, weights
-
-
-def gt_codes(s, idx, real):
-    """The ground-truth codes of real images `real` (training pairs `idx`), each encoded once per run: the
-    encoder and the codebook are frozen, so a pair's codes never change."""
-    new = [j for j, i in enumerate(idx) if i not in s.gt_codes]
-    if new:
-        with torch.no_grad():
-            for j, codes in zip(new, s.vq.encode(real[new])):
-                s.gt_codes[idx[j]] = codes.cpu()
-    return torch.stack([s.gt_codes[i] for i in idx]).to(real.device)
 
 
 def disc_step(s, c, chunks, world, step, stats):

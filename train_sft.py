@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import common
-from common import (all_reduce_grads, autocast, caption_features, check_finite, grad_scaler, load_image,
+from common import (all_reduce_grads, autocast, caption_features, check_finite, encode_once, grad_scaler, load_image,
                     load_optimizer, mean_stats, peak_memory_gb, read_pairs, reset_peak_memory, rng, save_model,
                     save_optimizer)
 from model_vq import load_decoder, load_vq
@@ -78,12 +78,7 @@ def run(s, c, rnd, rank=0, world=1):
             g = rng(c.seed, rnd, step, k, "sft")
             idx = torch.randint(len(s.pairs), (c.sft_batch,), generator=g).tolist()
             uncond = torch.rand(c.sft_batch, generator=g) < c.sft_uncond
-            new = sorted(set(i for i in idx if i not in s.codes))
-            if new:  # the frozen encoder's codes of each real image, once
-                with torch.no_grad():
-                    real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in new]).to(dev)
-                    s.codes.update(zip(new, s.vq.encode(real)))
-            codes = torch.stack([s.codes[i] for i in idx])
+            codes = encode_once(s.codes, s.vq, idx, lambda i: load_image(s.pairs[i][0], c.image_size).to(dev)).to(dev)
             cond, mask = (t.to(dev) for t in caption_features([s.pairs[i][1] for i in idx], c, C))
             with amp:
                 logits = s.policy(codes, cond, mask, uncond=uncond.to(dev))
