@@ -50,12 +50,13 @@ hps_scale = 1.0
 aesthetic_weights = ""  # sac+logos+ava1-l14-linearMSE.pth
 aesthetic_scale = 1.0
 reward_resize = "crop"  # images to the reward's square: 'crop' (open_clip's bicubic + centre crop) | 'squash' (release)
-caption_padding = "left"  # T5 features 'left'-padded (LlamaGen's training layout) | 'right' (the release)
+caption_padding = "left"  # T5 features 'left'-padded (LlamaGen's training layout) | 'right' (the release's training) |
+#                           'right_zeroed' (every pad zero, the last one too: the release's COCO / HPSv2 samplers)
 group_size = 8  # G rollouts per prompt (Table F.1)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32
 seed = 0
-SWITCHES = {"backbone": ("llamagen", "janus"), "caption_padding": ("left", "right"), "reward_resize": ("crop", "squash")}
+SWITCHES = {"backbone": ("llamagen", "janus"), "caption_padding": ("left", "right", "right_zeroed"), "reward_resize": ("crop", "squash")}
 DERIVED = ("block_size", "codebook_size", "cls_token_num", "t5_cache", "run_id", "prompts_sha1", "round")  # not settings
 MODEL_KEYS = ("backbone", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size")  # a round's files and rollouts fit these
 
@@ -112,6 +113,10 @@ def check(c, world=1):
             prompt_ids(read_prompts(c.train_prompts), c.gpt_ckpt, c.cls_token_num, c.janus_template)
         except (FileNotFoundError, ValueError) as e:
             return str(e)
+    elif os.path.isdir(c.t5_path):  # every training prompt within the caption slots (T5 would cut a longer one)
+        msg = long_prompt(c.train_prompts, c.t5_path, c.cls_token_num)
+        if msg:
+            return msg
     try:
         terms = reward_terms(c)
     except ValueError as e:
@@ -121,6 +126,19 @@ def check(c, world=1):
         if not os.path.isfile(files[t]):
             return f"{t} reward weights not found: {files[t]!r}"
     read_pairs(c.train_pairs, check_images=True)
+    return ""
+
+
+def long_prompt(path, t5_path, slots):
+    """The first prompt of `path` with more T5 tokens (</s> included) than the policy's caption slots, as
+    a message naming it; '' if none."""
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(t5_path, local_files_only=True)
+    prompts = read_prompts(path)
+    for i, ids in enumerate(tokenizer([p.lower().strip() for p in prompts]).input_ids):
+        if len(ids) > slots:
+            return (f"{path}: prompt {i + 1} ({prompts[i][:60]!r}...) is {len(ids)} T5 tokens, more than the policy's "
+                    f"{slots} caption slots, and T5 would cut it: shorten it or leave it out")
     return ""
 
 
@@ -373,10 +391,11 @@ def read_prompts(path):
         if path.endswith(".jsonl"):
             rows = [json.loads(line) for line in f if line.strip()]
             prompts = [r.get("prompt", r.get("caption")) for r in rows]
-        elif path.endswith(".json"):  # a list of prompts (the HPSv2 benchmark's style files)
+        elif path.endswith(".json"):  # a list of prompts, or of {"prompt": ...} (the HPSv2 benchmark's style files)
             prompts = json.load(f)
             if not isinstance(prompts, list):
                 raise ValueError(f"{path}: a .json prompt file holds a list of prompts")
+            prompts = [p.get("prompt") if isinstance(p, dict) else p for p in prompts]
         elif path.endswith((".csv", ".tsv")):
             rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
             col = next((k for k in ("Prompt", "prompt", "caption") if rows and k in rows[0]), None)

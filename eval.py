@@ -34,10 +34,13 @@ from configurator import configure, defaults
 from figures import before_after, curves, table
 from geneval import GenEval, geneval_folder, geneval_scores, read_geneval_specs
 
-# -- config (the data and models of the run come from the round's meta.json) --
+# -- config: what eval.py alone is pointed at (TARGET), then the evaluation's settings, which ranke.py's
+#    in-loop evaluations take too. The data and models of a run come from its round's meta.json. --
 run = "out/ranke"
 compare = ""  # a second run, side by side in one table and plot
 eval_rounds = ""  # "0,5,10"; "" = every round folder of the run
+geneval_images = ""  # score a folder in GenEval's own layout (NNNNN/metadata.jsonl, NNNNN/samples/NNNN.png) and stop
+TARGET = ("run", "compare", "eval_rounds", "geneval_images")
 eval_prompts = "out/shapes/prompts_heldout.txt"  # COCO-30K: data/coco_captions_30k.csv
 eval_pairs = "out/shapes/heldout_pairs.jsonl"  # real images for FID and the codes: {"image", "caption"} lines,
 #                                             or a folder of images (COCO val2014); "" = none (GenEval alone)
@@ -47,7 +50,6 @@ geneval_detector = ""  # a local transformers Mask2Former folder (facebook/mask2
 geneval_clip_model = "ViT-L-14"  # GenEval's colour classifier: OpenAI CLIP ViT-L/14 (quick GELU) ...
 geneval_clip_weights = ""  # ... its weights for open_clip
 geneval_clip_quick_gelu = True
-geneval_images = ""  # score a folder in GenEval's own layout (NNNNN/metadata.jsonl, NNNNN/samples/NNNN.png) and stop
 feature_net = "out/shapes/features.pt"  # TorchScript; COCO: clean-fid's inception-2015-12-05.pt
 feature_size = 64  # 299 for Inception
 fid_crop = 0  # > 0: both sets centre-cropped to the short side and resized to it with PIL's LANCZOS before
@@ -65,13 +67,20 @@ eval_cfg_scale = 1.5  # the shapes world (docs/shapes_world.md); LlamaGen's COCO
 eval_temperature = 1.0
 eval_top_k = 0
 eval_top_p = 1.0
-eval_caption_padding = ""  # "" = the run's; 'left' | 'right' (the authors' release's COCO sampling)
+eval_caption_padding = ""  # "" = the run's; 'left' (the release's GenEval sampler) | 'right' | 'right_zeroed' (its
+#                            COCO and HPSv2 samplers: T5's output zeroed at every pad, the first image token's slot too)
 eval_seed = 1234
 kl_smoothing = 0.5  # add-alpha smoothing of the code histograms
 eval_rec_images = 512  # the round's decoder on the ground-truth codes of the first N real images: rec_L1 and
 #                        FD_rec (FID_rec), so a decoder that stops being a tokenizer decoder shows; 0 = off
 grid_prompts = 16  # each evaluated round's eval_grid.png: the first image of the first N prompts
 figure_prompts = 8  # the run's eval_before_after.png: the first N prompts, base and last round side by side
+SWITCHES = {"eval_caption_padding": ("", "left", "right", "right_zeroed")}
+
+
+def check(c, world=1):
+    """The evaluation's settings: the first that cannot run, as a message; '' if none."""
+    return common.bad_switch(c, SWITCHES)
 
 
 # ---------------------------------------------------------------- metrics
@@ -287,11 +296,12 @@ HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 def hps_styles(c):
     """The HPSv2 benchmark's styles whose prompt file is in eval_hps_benchmark, each with the eval config
     that samples it (its own image folder)."""
-    styles = [s for s in HPS_STYLES if os.path.isfile(os.path.join(c.eval_hps_benchmark, s + ".json"))]
-    if not styles:
-        raise FileNotFoundError(f"{c.eval_hps_benchmark} holds none of {', '.join(s + '.json' for s in HPS_STYLES)}")
-    return [(s, SimpleNamespace(**{**vars(c), "eval_prompts": os.path.join(c.eval_hps_benchmark, s + ".json")}))
-            for s in styles]
+    files = {s: next((f for f in (os.path.join(c.eval_hps_benchmark, name + ".json") for name in (s, "benchmark_" + s))
+                      if os.path.isfile(f)), None) for s in HPS_STYLES}  # HPSv2's names, or HPDv2's benchmark/ folder's
+    if not any(files.values()):
+        raise FileNotFoundError(f"{c.eval_hps_benchmark} holds none of {', '.join(s + '.json' for s in HPS_STYLES)}"
+                                " (nor benchmark_<style>.json)")
+    return [(s, SimpleNamespace(**{**vars(c), "eval_prompts": f})) for s, f in files.items() if f]
 
 
 def hps_benchmark(c, rc, d, hps):
@@ -419,6 +429,8 @@ def main(argv=None):
     cfg = {**defaults(common), **defaults(sys.modules[__name__])}
     configure(cfg, argv)
     c = SimpleNamespace(**cfg)
+    if check(c):
+        raise SystemExit(check(c))
     rank, world, c.device = init_dist(c.device)
     common.check_dtype(c.device, c.dtype)
     if c.geneval_images:  # images made elsewhere, in GenEval's layout

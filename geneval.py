@@ -154,12 +154,13 @@ def geneval_scores(correct, tags):
 
 def geneval_folder(c):
     """Score a folder in GenEval's own layout: one NNNNN/ per prompt of eval_specs with its metadata.jsonl
-    and samples/NNNN.png, eval_n_per_prompt of them; anything missing or extra is one error, before any
-    scoring. Writes geneval.json into the folder."""
+    and samples/NNNN.png (or NNNNN.png, as the authors' release writes them), eval_n_per_prompt of them;
+    anything missing or extra is one error, before any scoring. Writes geneval.json into the folder."""
     specs, root, n = read_geneval_specs(c.eval_specs), c.geneval_images, c.eval_n_per_prompt
-    want = {f"{i:05d}": [f"{k:04d}.png" for k in range(n)] for i in range(len(specs))}
     have = {d: sorted(f for f in os.listdir(os.path.join(root, d, "samples")) if f.endswith(".png"))
             for d in os.listdir(root) if os.path.isdir(os.path.join(root, d, "samples"))}
+    digits = {d: 5 if any(len(f) == len("00000.png") for f in files) else 4 for d, files in have.items()}
+    want = {f"{i:05d}": [f"{k:0{digits.get(f'{i:05d}', 4)}d}.png" for k in range(n)] for i in range(len(specs))}
     wrong = [f"{d}: {have.get(d, [])} for {files}" for d, files in want.items() if have.get(d) != files]
     wrong += [f"{d}: not a prompt of {c.eval_specs}" for d in have if d not in want]
     if wrong:

@@ -406,13 +406,17 @@ def load_t5(path, device="cpu", dtype=torch.float32):
 def t5_embed(prompts, tokenizer, encoder, max_length=120, padding="left"):
     """Caption features B x max_length x D and their mask B x max_length. padding="left" is LlamaGen's
     layout: valid tokens moved to the end, zeros before them. "right" is the tokenizer's own layout,
-    as the authors' release feeds it: valid tokens first, then T5's outputs at the padding. Text is
-    lower-cased and stripped (LlamaGen's cleaning without its ftfy / BeautifulSoup steps)."""
+    as the authors' release trains on it: valid tokens first, then T5's outputs at the padding;
+    "right_zeroed" as its COCO and HPSv2 samplers feed it: every padding slot zero, the last one too
+    (the first image token is predicted from it). Text is lower-cased and stripped (LlamaGen's cleaning
+    without its ftfy / BeautifulSoup steps)."""
     b = tokenizer([p.lower().strip() for p in prompts], max_length=max_length, padding="max_length",
                   truncation=True, return_tensors="pt").to(encoder.device)
     emb = encoder(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
     if padding == "right":
         return emb, b.attention_mask
+    if padding == "right_zeroed":
+        return emb * b.attention_mask[..., None], b.attention_mask
     n = b.attention_mask.sum(1, keepdim=True)  # valid tokens per prompt, right-padded by the tokenizer
     rolled = (torch.arange(max_length, device=emb.device) + n) % max_length  # row j <- token (j + n) % L
     emb = emb.gather(1, rolled[..., None].expand_as(emb))
@@ -453,7 +457,8 @@ def fill_t5_cache(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.f
 def cached_t5_embed(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120,
                     padding="left"):
     """t5_embed through the cache (filled first if needed); reads only these prompts' rows. Right
-    padding has zeros where t5_embed has T5's padding outputs, but for the last slot: the others are hidden
+    padding has zeros where t5_embed has T5's padding outputs, but for the last slot (right_zeroed: there
+    too): the others are hidden
     from every other query and predict no token. Returns (B x max_length x D, B x max_length) on the CPU."""
     from safetensors import safe_open
     fill_t5_cache(prompts, cache_file, t5_path, device, dtype, max_length)
@@ -462,9 +467,10 @@ def cached_t5_embed(prompts, cache_file, t5_path=None, device="cpu", dtype=torch
     emb = torch.zeros(len(prompts), max_length, feats[0][0].shape[-1], dtype=feats[0][0].dtype)
     mask = torch.zeros(len(prompts), max_length, dtype=torch.long)
     for i, (f, pad) in enumerate(feats):
-        if padding == "right":
+        if padding in ("right", "right_zeroed"):
             emb[i, :len(f)], mask[i, :len(f)] = f, 1
-            emb[i, max_length - len(pad):] = pad
+            if padding == "right":
+                emb[i, max_length - len(pad):] = pad
         elif len(f):
             emb[i, -len(f):], mask[i, -len(f):] = f, 1
     return emb, mask

@@ -43,6 +43,9 @@ resume = True  # continue from the last saved round in out_dir
 keep_last = 2  # saved rounds kept on disk (a GPT-XL round with optimizer states is ~13 GB) ...
 keep_every = 10  # ... besides round 0 and every keep_every-th, for evaluation
 eval_every = 5  # eval.py's metrics on round 0, every eval_every rounds and the last; 0 = off
+wandb_log = False  # every round's metrics and pictures to Weights & Biases too (pip install wandb; WANDB_MODE=offline)
+wandb_project = "ranke"
+wandb_run_name = ""  # "" = out_dir's name
 RANGES = {"rounds": common.NON_NEGATIVE, "save_every": (lambda v: v >= 1, ">= 1 (rounds between full saves)"),
           "sample_every": common.NON_NEGATIVE, "sample_prompts": common.AT_LEAST_1, "keep_last": common.AT_LEAST_1,
           "keep_every": common.AT_LEAST_1, "eval_every": common.NON_NEGATIVE}
@@ -52,9 +55,7 @@ RANGES = {"rounds": common.NON_NEGATIVE, "save_every": (lambda v: v >= 1, ">= 1 
 
 def settings():
     """Every setting of a run and its default: the shared ones, each stage's, the evaluation's, the loop's."""
-    eval_keys = {k: v for k, v in defaults(evaluation).items()
-                 if k.startswith(("eval_", "geneval_")) or k in ("feature_net", "feature_size", "fid_crop", "kl_smoothing",
-                                                               "grid_prompts", "figure_prompts")}
+    eval_keys = {k: v for k, v in defaults(evaluation).items() if k not in evaluation.TARGET}
     return {**defaults(common), **defaults(train_policy), **defaults(train_decoder), **defaults(train_sft), **eval_keys,
             **defaults(sys.modules[__name__])}
 
@@ -67,11 +68,16 @@ def validate(c, rank, world):
     """Every bad input gets its message here, once (rank 0), before anything is written to out_dir: the
     loop's own settings, then the checks of the stages this mode runs (the same they run alone)."""
     stages = [common] + ([train_sft] if c.mode == "sft" else [train_policy]) + \
-        ([train_decoder] if c.mode in ("ranke", "decoder_only") else [])
+        ([train_decoder] if c.mode in ("ranke", "decoder_only") else []) + ([evaluation] if c.eval_every else [])
     msg = common.bad_switch(c, {"mode": ("ranke", "policy_only", "decoder_only", "sft")}) or common.out_of_range(c, RANGES)
     if not msg and c.init_policy and not os.path.isfile(os.path.join(c.init_policy, "policy.safetensors")):
         msg = f"init_policy must be a round folder holding policy.safetensors (an SFT run's round_NNNN), not {c.init_policy!r}"
     msg = msg or next((m for m in (stage.check(c, world) for stage in stages) if m), "")
+    if not msg and c.wandb_log:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            msg = "wandb_log=True needs the wandb package: pip install wandb (or set wandb_log=False)"
     if msg:
         raise SystemExit(msg if rank == 0 else 1)
     c.prompts_sha1 = common.file_sha1(c.train_prompts)  # rollouts name their prompts by index
@@ -89,19 +95,22 @@ def prepare_world(c, rank, world):
     barrier(world)
 
 
-def evaluate(c, rnd, rank, world):
+def evaluate(c, rnd, rank, world, tracker):
     m = evaluation.evaluate_round(c, c, round_dir(c.out_dir, rnd), rank, world)
     if rank == 0:
         print(f"eval round {rnd} | " + " | ".join(f"{k} {v:.4g}" for k, v in m.items()), flush=True)
-        run_folder.log_metrics(c.out_dir, {"round": rnd, "eval": m})
+        run_folder.log_metrics(c.out_dir, {"round": rnd, "eval": m}, tracker)
     return m
 
 
-def report(c, evals, rewards):
+def report(c, evals, rewards, tracker):
     """The run's evaluated rounds as eval_table.md, eval_curves.png and eval_before_after.png in out_dir,
     and the first and last side by side on the terminal."""
     first, last = min(evals), max(evals)
     evaluation.report(c, {c.out_dir: c}, {c.out_dir: evals}, {c.out_dir: rewards}, c.out_dir)
+    if tracker is not None:
+        tracker.log({f[:-4]: tracker.Image(os.path.join(c.out_dir, f)) for f in ("eval_curves.png", "eval_before_after.png")},
+                    step=last)
     print(f"\nbefore (round {first}) and after (round {last}) on the evaluation prompts "
           f"({os.path.join(c.out_dir, 'eval_before_after.png')}):")
     print(evaluation.table({c.out_dir: {first: evals[first], last: evals[last]}}))
@@ -112,7 +121,10 @@ def main(argv=None, **forced):
     rank, world, c.device = init_dist(c.device)
     prepare_world(c, rank, world)
     validate(c, rank, world)
+    if rank == 0:
+        run_folder.lock(c.out_dir)  # one run at a time in out_dir
     start = run_folder.open_run(c, rank, world)  # 0 for a new run (round_0000: the base models), or the last saved round
+    tracker = run_folder.open_tracker(c, rank)  # wandb, with wandb_log
     if rank == 0 and c.backbone == "llamagen":  # T5 runs once for every prompt of the run; the stages read the cache
         texts = read_prompts(c.train_prompts) + ([t for _, t in common.read_pairs(c.train_pairs)] if c.mode == "sft" else [])
         fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, max_length=c.cls_token_num)
@@ -127,9 +139,13 @@ def main(argv=None, **forced):
         decoder = train_decoder.init(c, d, reward, rank) if c.mode != "policy_only" else None
     if rank == 0 and c.sample_every and start == 0 and not os.path.exists(os.path.join(d, "samples.png")):
         run_folder.sample_grid(c, policy.policy, policy.vq, os.path.join(d, "samples.png"))
-    evals, rewards = {0: evaluate(c, 0, rank, world)} if c.eval_every and start == 0 else {}, {}
+    evals, rewards = run_folder.read_log(c.out_dir)  # a resumed run's, up to its start
+    if c.eval_every and start == 0:
+        evals[0] = evaluate(c, 0, rank, world, tracker)
     handover = os.path.join(c.out_dir, "handover")  # this round's rollouts and decoder, for the other stage
-    rollouts_file, decoder_file = os.path.join(handover, "rollouts.safetensors"), os.path.join(handover, "decoder.safetensors")
+    rollouts_file = os.path.join(handover, "rollouts.safetensors")
+    per_rank = decoder is not None and c.decoder_sync == "per_rank"  # each rank hands its own decoder to itself
+    decoder_file = os.path.join(handover, f"decoder_rank{rank}.safetensors" if per_rank else "decoder.safetensors")
     os.makedirs(handover, exist_ok=True)
     run_t0 = time.time()
     for rnd in range(start + 1, c.rounds + 1):
@@ -143,7 +159,7 @@ def main(argv=None, **forced):
             barrier(world)
         if decoder is not None:  # Stage 2: the decoder adapts to those rollouts, the policy fixed (Eq. 4-8)
             m.update(train_decoder.run(decoder, c, rnd, rollouts_file, rank, world))
-            if rank == 0:
+            if rank == 0 or per_rank:
                 save_decoder(decoder.vq if c.reward_decoder == "decoder" else decoder.ema, decoder_file)
             barrier(world)
             train_policy.set_decoder(policy, decoder_file)  # the next round's rewards see this decoder
@@ -152,14 +168,18 @@ def main(argv=None, **forced):
             if rnd % c.save_every == 0 or rnd == c.rounds or evaluated or (c.sample_every and rnd % c.sample_every == 0):
                 run_folder.save_round(c, rnd, policy, decoder, rollouts_file, m)
             m["round_time_s"], rewards[rnd] = time.time() - t0, m.get("reward")
-            run_folder.log_metrics(c.out_dir, {"round": rnd, "time": time.time(), **m})
+            run_folder.log_metrics(c.out_dir, {"round": rnd, "time": time.time(), **m}, tracker)
             print(run_folder.log_line(rnd, m) + f" | eta {run_folder.eta(time.time() - run_t0, rnd - start, c.rounds - rnd)}",
                   flush=True)
         barrier(world)
         if evaluated:
-            evals[rnd] = evaluate(c, rnd, rank, world)
+            evals[rnd] = evaluate(c, rnd, rank, world, tracker)
     if rank == 0 and len(evals) > 1:  # eval_table.md, eval_curves.png and eval_before_after.png in out_dir
-        report(c, evals, rewards)
+        report(c, evals, rewards, tracker)
+    if tracker is not None:
+        tracker.finish()
+    if rank == 0:
+        run_folder.unlock(c.out_dir)
     if world > 1:
         dist.destroy_process_group()
     return c

@@ -15,6 +15,7 @@ import shutil
 import torch
 
 import common
+from checkpoint import atomic_write
 import train_decoder
 import train_policy
 import train_sft
@@ -66,10 +67,39 @@ def base_round(c):
     commit_round(tmp, {"round": 0, "run_id": c.run_id, "config": vars(c), "metrics": {}})
 
 
+def lock(out_dir):
+    """Claim out_dir for this process: out_dir/LOCK holds its pid. A live holder's run is refused by its
+    pid; a dead one's lock (a killed run) is taken over. `unlock` at the end of the run."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "LOCK")
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(open(path).read())
+                os.kill(pid, 0)  # raises if no such process
+                alive = pid != os.getpid()  # this process's own, left by an earlier call that raised
+            except (OSError, ValueError):
+                alive = False
+            if alive:
+                raise SystemExit(f"{out_dir} is in use by process {pid} (its {path}): wait for that run to end, "
+                                 "or choose another out_dir") from None
+            os.remove(path)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+
+
+def unlock(out_dir):
+    os.remove(os.path.join(out_dir, "LOCK"))
+
+
 def open_run(c, rank, world):
     """The round the run starts from: 0 for a new run (rank 0 writes round_0000), or the last saved round
     of the run already in out_dir, which must be of the same settings (COMPATIBLE) and prompts. Sets
-    c.run_id, which tags the run's hand-over files."""
+    c.run_id, which tags the run's hand-over files. A resumed run's log keeps the rounds up to its start
+    (the later ones are redone)."""
     start = last_round(c.out_dir)
     if start >= 0:
         old = read_meta(round_dir(c.out_dir, start))["config"]
@@ -80,6 +110,11 @@ def open_run(c, rank, world):
                              + ": choose another out_dir (nothing was overwritten)")
         if rank == 0:
             print(f"resuming from {round_dir(c.out_dir, start)} (last saved round)")
+            log = os.path.join(c.out_dir, "metrics.jsonl")
+            lines = open(log).readlines() if os.path.isfile(log) else []
+            kept = [x for x in lines if json.loads(x)["round"] <= start]
+            if kept != lines:
+                atomic_write(log, "".join(kept))
     elif rank == 0:
         c.run_id = secrets.token_hex(8)
         os.makedirs(c.out_dir, exist_ok=True)
@@ -112,7 +147,8 @@ def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
         (train_sft if c.mode == "sft" else train_policy).save(policy, tmp)
     if decoder is not None:
         train_decoder.save(decoder, tmp)
-    carry_over(os.path.dirname(rollouts_file), tmp, ["rollouts.safetensors"])  # replaced, never rewritten: a link is safe
+    if os.path.isfile(rollouts_file):  # a copy: what happens to the hand-over file later cannot reach the round
+        shutil.copy2(rollouts_file, os.path.join(tmp, "rollouts.safetensors"))
     carry_over(last, tmp, ROUND_FILES)
     if c.sample_every and rnd % c.sample_every == 0:
         sample_grid(c, policy.policy, policy.vq, os.path.join(tmp, "samples.png"))
@@ -122,10 +158,43 @@ def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
             shutil.rmtree(round_dir(c.out_dir, old), ignore_errors=True)
 
 
-def log_metrics(out_dir, record):
-    """One line of the run's metrics.jsonl (a round's training metrics, or an evaluation)."""
+def read_log(out_dir):
+    """The run's metrics.jsonl as ({round: its evaluation}, {round: its training reward})."""
+    evals, rewards = {}, {}
+    path = os.path.join(out_dir, "metrics.jsonl")
+    for x in map(json.loads, open(path) if os.path.isfile(path) else []):
+        if "eval" in x:
+            evals[x["round"]] = x["eval"]
+        elif "reward" in x:
+            rewards[x["round"]] = x["reward"]
+    return evals, rewards
+
+
+def log_metrics(out_dir, record, tracker=None):
+    """One line of the run's metrics.jsonl (a round's training metrics, or an evaluation); the same to the
+    tracker if any, with the round's picture (its samples.png, or its evaluation's eval_grid.png)."""
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+    if tracker is not None:
+        if "eval" in record:
+            data, picture = {f"eval/{k}": v for k, v in record["eval"].items()}, "eval_grid.png"
+        else:
+            data, picture = {k: v for k, v in record.items() if k not in ("round", "time")}, "samples.png"
+        path = os.path.join(round_dir(out_dir, record["round"]), picture)
+        if os.path.isfile(path):
+            data[picture[:-4]] = tracker.Image(path)
+        tracker.log(data, step=record["round"])
+
+
+def open_tracker(c, rank):
+    """Weights & Biases on rank 0 when wandb_log (nanoGPT's convention), else None. The run's id is the
+    wandb run's, so a resumed run logs on; WANDB_MODE=offline needs no network."""
+    if not c.wandb_log or rank:
+        return None
+    import wandb
+    wandb.init(project=c.wandb_project, name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)),
+               id=c.run_id, resume="allow", dir=c.out_dir, config=vars(c))
+    return wandb
 
 
 def log_line(rnd, m):

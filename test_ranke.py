@@ -398,6 +398,12 @@ def test_t5_embeddings_are_left_padded_and_cached(tmp_path):
     assert m3.tolist() == [[1] * k + [0] * (12 - k) for k in n]
     assert torch.allclose(e3[0, :4], ref, atol=1e-5) and torch.allclose(e3[0, -1], out[-1], atol=1e-5)
     assert (e3[0, 4:-1] == 0).all() and not torch.allclose(out[-1], torch.zeros_like(out[-1]))
+    # right_zeroed (the release's COCO and HPSv2 samplers: caption_embs * emb_masks): the last slot zero too
+    e4, m4 = model_ar.cached_t5_embed(prompts, cache, max_length=12, padding="right_zeroed")
+    hand = out * b.attention_mask[0, :, None]
+    assert torch.equal(m4, m3) and torch.allclose(e4[0], hand, atol=1e-5) and (e4[0, 4:] == 0).all()
+    e5, m5 = model_ar.t5_embed(prompts, tok, enc, max_length=12, padding="right_zeroed")
+    assert torch.equal(m5, m3) and torch.allclose(e5, e4, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="T5 directory not found"):
         model_ar.load_t5(str(tmp_path / "missing"))
 
@@ -938,12 +944,19 @@ def test_compiled_sampler_draws_eager_rollouts_and_keeps_its_cache(world, tmp_pa
     assert all(torch.equal(x.codes, y.codes) for x, y in zip(a, b))
 
 
-def test_real_images_are_encoded_once_per_run(world, tmp_path):
+@pytest.fixture(scope="module")
+def one_round(world, tmp_path_factory):
+    """A one-round RankE run on the tiny world: its config and folder (round 0, and round 1's rollouts),
+    read by the Stage-2 tests below, each on its own copy of the config."""
+    out = tmp_path_factory.mktemp("one_round") / "run"
+    return ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0"]), out
+
+
+def test_real_images_are_encoded_once_per_run(one_round):
     """Stage 2 encodes a training image's ground-truth codes the first time it draws it, and reuses them
     (the encoder and the codebook are frozen): 4 steps draw 16 images of 8, each encoded once, each
     cached code equal to the image encoded alone."""
-    out = tmp_path / "run"
-    c = ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0"])
+    c, out = SimpleNamespace(**vars(one_round[0])), one_round[1]
     s = train_decoder.init(c, str(out / "round_0000"), run_reward(c))
     encode, encoded = s.vq.encode, []
     s.vq.encode = lambda x: encoded.append(len(x)) or encode(x)
@@ -952,6 +965,85 @@ def test_real_images_are_encoded_once_per_run(world, tmp_path):
     assert sum(encoded) == len(s.gt_codes) < 4 * c.decoder_chunks * c.real_batch
     for i, codes in s.gt_codes.items():
         assert torch.equal(codes, encode(common.load_image(s.pairs[i][0], c.image_size)[None])[0])
+
+
+def per_rank_worker(rank, c, r0, rollouts, out):
+    """One of test_per_rank_decoders_...'s two gloo ranks: a Stage-2 round on its chunks, its models saved."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    s = train_decoder.init(c, r0, run_reward(c), rank)
+    train_decoder.run(s, c, 1, rollouts, rank, 2)
+    for name, model in (("decoder", s.vq), ("ema", s.ema)):
+        save_decoder(model, os.path.join(out, f"{name}{rank}.safetensors"))
+    common.save_model(s.disc, os.path.join(out, f"disc{rank}.safetensors"))
+    torch.distributed.destroy_process_group()
+
+
+def test_per_rank_decoders_train_alone_on_their_own_chunks(one_round, tmp_path, monkeypatch):
+    """decoder_sync=per_rank (the release's LlamaGen trainer: its decoder's forward bypasses DDP): on 2
+    gloo ranks, each rank's decoder and EMA decoder are a single process's trained on that rank's chunks
+    alone, and differ from the other rank's; the discriminator stays one, trained on both ranks' chunks."""
+    c, out = SimpleNamespace(**vars(one_round[0])), one_round[1]
+    c.decoder_sync = "per_rank"
+    r0, rollouts = str(out / "round_0000"), str(out / "round_0001" / "rollouts.safetensors")
+    c.decoder_steps = 1  # the decoder's step sees the initial discriminator, the same on every rank
+    torch.multiprocessing.spawn(per_rank_worker, args=(c, r0, rollouts, str(tmp_path)), nprocs=2)
+    got = {f: weights(tmp_path, f + ".safetensors") for f in ("decoder0", "decoder1", "ema0", "ema1", "disc0", "disc1")}
+    assert same(got["disc0"], got["disc1"]) and not same(got["decoder0"], got["decoder1"])
+    load_chunks, threads = train_decoder.load_chunks, torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran: bit for bit the same sums
+    try:
+        for r in (0, 1):
+            monkeypatch.setattr(train_decoder, "load_chunks", lambda *a: load_chunks(*a[:-2], r, 2))
+            s = train_decoder.init(c, r0, run_reward(c))
+            train_decoder.run(s, c, 1, rollouts)
+            assert same(model_vq.decoder_state_dict(s.vq), got[f"decoder{r}"])
+            assert same(model_vq.decoder_state_dict(s.ema), got[f"ema{r}"])
+            assert not same(s.disc.state_dict(), got["disc0"])  # the shared one learnt from both ranks
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ema_updates_follow_the_releases_micro_steps_by_hand(one_round):
+    """ema_updates=2 (the release's Janus accumulation): at each step the EMA decoder moves toward the
+    decoder once before the optimizer's step and once after, phi <- d^2 phi + d (1 - d) theta_old +
+    (1 - d) theta_new, computed here by hand from the decoder's weights around each step."""
+    c, out = SimpleNamespace(**vars(one_round[0])), one_round[1]
+    c.decoder_steps, c.ema_updates, c.ema_decay = 3, 2, 0.9
+    s = train_decoder.init(c, str(out / "round_0000"), run_reward(c))
+    thetas, step = [], s.opt.step
+    s.opt.step = lambda *a, **k: (thetas.append([p.detach().clone() for p in s.vq.parameters()]), step(*a, **k))[1]
+    train_decoder.run(s, c, 1, str(out / "round_0001" / "rollouts.safetensors"))
+    thetas.append([p.detach().clone() for p in s.vq.parameters()])
+    d, ema = 0.9, [t.clone() for t in thetas[0]]  # round 0's EMA decoder is the base decoder
+    for old, new in zip(thetas, thetas[1:]):
+        ema = [d * d * e + d * (1 - d) * o + (1 - d) * n for e, o, n in zip(ema, old, new)]
+    assert all(torch.allclose(e, p, atol=1e-6) for e, p in zip(ema, s.ema.parameters()))
+    assert not all(torch.allclose(e, p, atol=1e-6) for e, p in zip(ema, s.vq.parameters()))
+
+
+def test_real_images_of_the_chunks_prompts(one_round, tmp_path):
+    """real_images=prompts (the release, whose batches are image-caption pairs): each chunk's real images
+    are images captioned with the chunk's prompts, one a prompt, read here from the pairs file itself;
+    a prompt without an image is refused before the run."""
+    c, out = SimpleNamespace(**vars(one_round[0])), one_round[1]
+    c.real_images = "prompts"
+    s = train_decoder.init(c, str(out / "round_0000"), run_reward(c))
+    R = weights(out / "round_0001", "rollouts.safetensors")
+    idx, w = train_decoder.select(c, R, 1, 0, 0)
+    chunks = train_decoder.load_chunks(s, c, R, idx, w, 1, 0, 0, 1)
+    captions = [json.loads(x)["caption"] for x in open(c.train_pairs)]
+    prompts = read_prompts(c.train_prompts)
+    for k, ch in enumerate(chunks):
+        want = list(dict.fromkeys(prompts[i] for i in R["prompt_ids"][idx[k * c.decoder_batch:(k + 1) * c.decoder_batch]]))
+        got = [captions[next(i for i, (img, _) in enumerate(s.pairs) if torch.equal(common.load_image(img, c.image_size), x))]
+               for x in ch.real]
+        assert got == want and ch.real.shape[0] == len(want)
+    assert train_decoder.check(c) == ""
+    with open(tmp_path / "pairs.jsonl", "w") as f:  # the last prompt loses its image
+        f.writelines(json.dumps({"image": img, "caption": t}) + "\n" for img, t in s.pairs if t != prompts[-1])
+    c.train_pairs = str(tmp_path / "pairs.jsonl")
+    assert repr(prompts[-1]) in train_decoder.check(c)
 
 
 def test_bench_counts_a_grpo_epoch_by_hand(world):
@@ -1360,11 +1452,16 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
     p = run_script(world, f"--rollouts={tmp_path}/cut.safetensors", f"--init_from={other}/round_0001",
                    f"--out_dir={tmp_path / 'dec'}", script="train_decoder.py")
     assert p.returncode != 0 and "truncated or corrupt" in p.stderr and not (tmp_path / "dec").exists()
+    long_prompts = tmp_path / "long.txt"
+    long_prompts.write_text("a red circle\na red circle above a blue square left of a green triangle\n")
     for extra, message in [(["--dtype=float16"], "float16 needs a CUDA device"), (["--save_every=0"], "save_every must be >= 1"),
                            (["--old_logprobs=fresh"], "old_logprobs must be one of"),
                            (["--rec_kind=L1"], "rec_kind must be one of 'l1', 'l2', not 'L1'"),
                            (["--rank_softmax=groups"], "rank_softmax must be one of"),
                            (["--caption_padding=middle"], "caption_padding must be one of"),
+                           (["--eval_caption_padding=zeroed", "--eval_every=1"], "eval_caption_padding must be one of"),
+                           (["--decoder_sync=none"], "decoder_sync must be one of"),
+                           ([f"--train_prompts={long_prompts}"], r"long.txt: prompt 2 \('a red circle above.* is 13 T5 tokens, more than the policy's 8 caption slots"),
                            (["--tau=0"], "tau must be > 0"), (["--reward=clip+foo"], "unknown reward"),
                            (["--cons_kind=lpips"], "cons_kind=lpips needs LPIPS weights"),
                            (["--logprob=cond_only", "--old_logprobs=sampler"], "cond_only needs old_logprobs=recompute")]:
@@ -1381,7 +1478,7 @@ BAD_SETTINGS = [  # (key, a value out of its range): issue 25's list, and the ra
     ("keep_every", 0), ("keep_last", 0), ("rounds", -1), ("sample_batch", -2), ("decoder_chunks", 0),
     ("decoder_batch", 0), ("real_batch", 0), ("policy_betas", (0.9, 1.5)), ("decoder_betas", (0.5,)),
     ("lambda_gan", -0.5), ("lambda_rec", -1), ("disc_start", -1), ("policy_grad_clip", 0), ("tau", 0),
-    ("ref_update_every", 0), ("clip_scale", 0), ("sft_chunks", 0), ("sft_uncond", 1.5)]
+    ("ref_update_every", 0), ("clip_scale", 0), ("sft_chunks", 0), ("sft_uncond", 1.5), ("ema_updates", 0)]
 
 
 def test_every_numeric_setting_out_of_range_is_refused_by_name(world):
@@ -1606,8 +1703,8 @@ def test_hpsv2_benchmark_per_style_and_averaged_both_ways(world, tmp_path):
     bench = tmp_path / "hps"
     os.makedirs(bench)
     styles = {"anime": ["a red circle", "two blue squares above a red circle", "a square"], "photo": ["a blue circle"]}
-    for style, prompts in styles.items():
-        (bench / f"{style}.json").write_text(json.dumps(prompts))
+    (bench / "anime.json").write_text(json.dumps(styles["anime"]))  # HPSv2's name and layout, and HPDv2's:
+    (bench / "benchmark_photo.json").write_text(json.dumps([{"prompt": p} for p in styles["photo"]]))
     cfg = {**defaults(common), **defaults(evaluation)}
     configure(cfg, [f"--run={out}", f"--eval_hps_benchmark={bench}", "--eval_n_per_prompt=2", "--eval_hps_weights=x"])
     c = SimpleNamespace(**cfg)
@@ -1622,6 +1719,38 @@ def test_hpsv2_benchmark_per_style_and_averaged_both_ways(world, tmp_path):
     configure(cfg, [f"--eval_hps_benchmark={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="holds none of anime.json"):
         evaluation.hps_styles(SimpleNamespace(**cfg))
+
+
+def test_hpdv2_reader_takes_the_preferred_image_or_the_releases_tar(tmp_path):
+    """data/hpdv2/prepare.py: from HPDv2's train.json each prompt with the image its human_preference
+    marks (not the first listed); from a webdataset tar each NAME.jpg with its NAME.txt; both read back
+    by the runs' readers, one prompt a line."""
+    from data.hpdv2 import prepare as hpdv2
+    hpd, colours = tmp_path / "HPD", {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255)}
+    os.makedirs(hpd / "train")
+    for name, rgb in colours.items():
+        Image.new("RGB", (8, 8), rgb).save(hpd / "train" / f"{name}.jpg")
+    rows = [{"prompt": "a red\nthing", "file_path": ["train/b.jpg", "train/a.jpg"], "human_preference": [0, 1]},
+            {"prompt": "a blue thing", "file_path": ["train/c.jpg", "train/b.jpg"], "human_preference": [1, 0]}]
+    (hpd / "train.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    os.makedirs(out)
+    hpdv2.main([f"--source={hpd}", f"--out={out}"])
+    assert read_prompts(str(out / "prompts.txt")) == ["a red thing", "a blue thing"]
+    assert [(os.path.basename(i), t) for i, t in common.read_pairs(str(out / "pairs.jsonl"))] == \
+        [("a.jpg", "a red thing"), ("c.jpg", "a blue thing")]
+    import tarfile
+    with tarfile.open(tmp_path / "subset.tar", "w") as tar:
+        for key, (name, caption) in enumerate([("a", "a red thing"), ("c", "a blue thing")]):
+            tar.add(hpd / "train" / f"{name}.jpg", f"{key:06d}.jpg")
+            (tmp_path / "cap.txt").write_text(caption)
+            tar.add(tmp_path / "cap.txt", f"{key:06d}.txt")
+    hpdv2.main([f"--source={tmp_path / 'subset.tar'}", f"--out={out}"])
+    pairs = common.read_pairs(str(out / "pairs.jsonl"), check_images=True)
+    assert [t for _, t in pairs] == ["a red thing", "a blue thing"] and read_prompts(str(out / "prompts.txt"))[1] == "a blue thing"
+    assert Image.open(pairs[1][0]).getpixel((4, 4))[2] > 200  # the blue image, unpacked
+    with pytest.raises(SystemExit, match="--source must be"):
+        hpdv2.main([f"--source={tmp_path / 'missing'}", f"--out={out}"])
 
 
 def test_geneval_rules_on_hand_made_detections():
@@ -1729,6 +1858,9 @@ def test_geneval_scorer_with_a_tiny_mask2former(world, tmp_path):
     with pytest.raises(SystemExit, match="00001: \\['0000.png'\\] for \\['0000.png', '0001.png'\\]"):
         evaluation.main(args)
     img.save(images / "00001" / "samples" / "0001.png")
+    for k in range(2):  # the release's sampler names them with five digits
+        os.rename(images / "00001" / "samples" / f"{k:04d}.png", images / "00001" / "samples" / f"{k:05d}.png")
+    assert evaluation.main(args) == m
     os.makedirs(images / "00002" / "samples")
     img.save(images / "00002" / "samples" / "0000.png")
     with pytest.raises(SystemExit, match="00002: not a prompt of"):
@@ -1851,6 +1983,72 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
     shutil.rmtree(os.path.join(out, "round_0002"))
     results = evaluation.main([f"--run={out}", "--eval_rounds=2", f"--feature_net={shapes}/features.pt"])
     assert results[out][2]["FD"] == m["FD"] and "reward" in results[out][2]
+
+
+def test_wandb_log_gets_every_record_and_its_pictures(world, tmp_path, monkeypatch):
+    """wandb_log=True: without the package, one message before anything is written; with it (a stand-in
+    recording its calls), each metrics.jsonl record at its round with the round's picture (samples.png,
+    an evaluation's eval_grid.png), the run's config at init, and finish at the end."""
+    out = tmp_path / "run"
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    with pytest.raises(SystemExit, match="needs the wandb package: pip install wandb"):
+        ranke.main([world, f"--out_dir={out}", "--wandb_log=True"])
+    assert not out.exists()
+    calls, fake = [], SimpleNamespace()
+    fake.init = lambda **kw: calls.append(("init", kw))
+    fake.log = lambda data, step: calls.append(("log", step, data))
+    fake.Image = lambda path: ("image", os.path.relpath(path, out))
+    fake.finish = lambda: calls.append(("finish",))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    ranke.main([world, f"--out_dir={out}", "--wandb_log=True", "--sample_every=1"])
+    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    assert calls[0][0] == "init" and calls[0][1]["name"] == "run" and calls[0][1]["config"]["wandb_log"] is True
+    assert calls[-1] == ("finish",) and len(records) == 2
+    logs = [x for x in calls if x[0] == "log"]
+    assert [step for _, step, _ in logs] == [r["round"] for r in records]
+    for (_, step, data), r in zip(logs, records):
+        assert data.pop("samples") == ("image", f"round_{step:04d}/samples.png")
+        assert data == {k: v for k, v in r.items() if k not in ("round", "time")}
+    shutil.copy(out / "round_0002" / "samples.png", out / "round_0002" / "eval_grid.png")
+    run_folder.log_metrics(str(out), {"round": 2, "eval": {"CLIP": 70.0}}, fake)
+    assert calls[-1] == ("log", 2, {"eval/CLIP": 70.0, "eval_grid": ("image", "round_0002/eval_grid.png")})
+
+
+def test_wandb_offline_run_where_installed(world, tmp_path, monkeypatch):
+    """With the real package (not a requirement; CI skips this), WANDB_MODE=offline: a run logs without a
+    network into out_dir/wandb."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    ranke.main([world, f"--out_dir={out}", "--wandb_log=True", "--rounds=1", "--sample_every=1"])
+    runs = [d for d in os.listdir(out / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1 and any(f.endswith(".wandb") for f in os.listdir(out / "wandb" / runs[0]))
+
+
+def test_one_run_at_a_time_and_a_resumed_log_keeps_each_round_once(world, tmp_path):
+    """out_dir/LOCK: a run into an out_dir whose holder is alive is refused with its pid and writes
+    nothing; a dead holder's lock (a killed run) is taken over; the lock goes at the end. A resumed run
+    drops what a killed run logged after its last save and logs the redone rounds again, once. A saved
+    round's rollouts are a copy of the hand-over file, which later rounds replace."""
+    out = tmp_path / "run"
+    ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0"])
+    assert not (out / "LOCK").exists()  # and the round holds its own rollouts, not the hand-over file's inode
+    assert not os.path.samefile(out / "round_0001" / "rollouts.safetensors", out / "handover" / "rollouts.safetensors")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / "LOCK").write_text(str(holder.pid))
+        with pytest.raises(SystemExit, match=f"in use by process {holder.pid}"):
+            ranke.main([world, f"--out_dir={out}", "--rounds=2", "--sample_every=0"])
+        assert common.saved_rounds(str(out)) == [0, 1] and len(open(out / "metrics.jsonl").readlines()) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(out / "metrics.jsonl", "a") as f:  # a killed run's round 2, logged but never saved
+        f.write(json.dumps({"round": 2, "reward": 9.0}) + "\n")
+    ranke.main([world, f"--out_dir={out}", "--rounds=2", "--sample_every=0"])
+    evals, rewards = run_folder.read_log(str(out))
+    assert sorted(rewards) == [1, 2] and rewards[2] != 9.0 and evals == {} and not (out / "LOCK").exists()
+    assert [json.loads(x)["round"] for x in open(out / "metrics.jsonl")] == [1, 2]
 
 
 def test_round_line_eta_by_hand():

@@ -25,7 +25,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -61,7 +60,8 @@ gen_loss = "hinge"  # generator side of the GAN: 'hinge' | 'non_saturating'
 lambda_bp = 0.1  # Eq. 5 (r); 0 for a black-box reward
 lambda_gan = 0.1  # Eq. 6; the paper: 0.5 (r), config/llamagen_xl_clip.py. On the shapes world 0.5 lets the discriminator win
 #                  and the decoder drift (held-out rec_L1 +73% in 10 rounds; docs/shapes_world.md)
-lambda_rec = 1.0  # Eq. 7 (r)
+lambda_rec = 4.0  # Eq. 7; the paper: 1.0 (r), config/llamagen_xl_clip.py. On the shapes world 1.0 lets the decoder drift
+#                  (held-out rec_L1 +11% in 30 steps; +6% with no GAN at all), 4 holds it within 3% (docs/shapes_world.md)
 lambda_cons = 1.0  # Eq. 8 (r); 10 drifts, 50 collapses the decoder
 cons_kind = "mse"  # L_cons: 'mse' (Eq. 8) | 'lpips' (the release; needs lpips_vgg / lpips_lin)
 cons_schedule = "none"  # lambda_cons over the run's decoder steps: 'none' | 'linear' | 'sin', from
@@ -77,26 +77,35 @@ select_k = 1  # top_k: rollouts kept per group (the release: 1, weight 1)
 select_temp_start, select_temp_end = 4.0, 1.0  # top_k: T anneals (half a cosine) between them over the first
 select_anneal = 0.2  # fraction of the run's decoder steps (inert with select_k = 1)
 ema_decay = 0.999
+ema_updates = 1  # EMA decoder updates a step; the release's Janus trainer (accumulation 2) updates it at every
+#                  micro-step, also the one whose optimizer step accelerate skips: 2 (the first toward the unchanged decoder)
 rec_kind = "l1"  # 'l1' | 'l2'
 perceptual_weight = 1.0
 lpips_vgg = ""  # torchvision vgg16-397923af.pth; with lpips_lin, turns LPIPS on in L_rec
 lpips_lin = ""  # LPIPS heads vgg.pth (taming / LlamaGen)
 decoder_batch = 2  # rollouts per forward pass
 real_batch = 1  # real images per forward pass
+real_images = "drawn"  # the real images of a chunk: 'drawn' (real_batch of train_pairs at random) | 'prompts' (one image of
+#                        each of the chunk's prompts, a pair captioned with it: the release, whose batches are pairs)
 decoder_chunks = 8  # forward passes per step, dealt to ranks (the world must divide it); a step takes
 #                     decoder_chunks x decoder_batch rollouts (whole prompt groups: 16 = 2 groups here)
 decoder_grad_clip = 1.0
+decoder_sync = "all_reduce"  # the decoder's gradients: 'all_reduce' (one decoder, averaged over ranks: the paper) |
+#                             'per_rank' (each rank trains its own decoder and EMA decoder on its own chunks, and its
+#                             rewards come from it; round folders keep rank 0's. The release's LlamaGen trainer does this,
+#                             its decoder's forward bypassing DDP; the discriminator stays shared, as there)
 rollouts = ""  # standalone: the rollouts file to train on
 init_from = ""  # standalone: the round folder to start from
 SWITCHES = {"disc_fakes": ("policy", "reconstructions"), "gen_loss": ("hinge", "non_saturating"),
             "cons_kind": ("mse", "lpips"), "cons_schedule": ("none", "linear", "sin"),
-            "selection": ("rank_softmax", "top_k"), "rank_softmax": ("group", "batch"), "rec_kind": ("l1", "l2")}
+            "selection": ("rank_softmax", "top_k"), "rank_softmax": ("group", "batch"), "rec_kind": ("l1", "l2"),
+            "decoder_sync": ("all_reduce", "per_rank"), "real_images": ("drawn", "prompts")}
 RANGES = {"decoder_steps": AT_LEAST_1, "decoder_lr": POSITIVE, "decoder_weight_decay": NON_NEGATIVE,
           "decoder_betas": BETAS, "disc_lr": POSITIVE, "disc_weight_decay": NON_NEGATIVE, "disc_betas": BETAS,
           "disc_ndf": AT_LEAST_1, "disc_layers": AT_LEAST_1, "disc_start": NON_NEGATIVE, "disc_weight": NON_NEGATIVE,
           "lambda_bp": NON_NEGATIVE, "lambda_gan": NON_NEGATIVE, "lambda_rec": NON_NEGATIVE, "lambda_cons": NON_NEGATIVE,
           "tau": (lambda v: v > 0, "> 0 (inf = uniform weights; small = nearly best-of-N)"), "select_anneal": NON_NEGATIVE,
-          "ema_decay": UNIT, "perceptual_weight": NON_NEGATIVE, "decoder_batch": AT_LEAST_1, "real_batch": AT_LEAST_1,
+          "ema_decay": UNIT, "ema_updates": AT_LEAST_1, "perceptual_weight": NON_NEGATIVE, "decoder_batch": AT_LEAST_1, "real_batch": AT_LEAST_1,
           "decoder_chunks": AT_LEAST_1, "decoder_grad_clip": POSITIVE}
 
 _lpips_said = False
@@ -121,6 +130,9 @@ def check(c, world=1):
         return f"select_k ({c.select_k}) must be within 1..group_size and divide decoder_chunks x decoder_batch"
     if min(c.select_temp_start, c.select_temp_end) <= 0:
         return "select_temp_start and select_temp_end must be > 0"
+    if c.real_images == "prompts" and None in images_of_prompts(c):
+        missing = read_prompts(c.train_prompts)[images_of_prompts(c).index(None)]
+        return f"real_images=prompts needs an image of every training prompt in train_pairs: {missing!r} has none"
     if c.cons_kind == "lpips" and not (c.lpips_vgg and c.lpips_lin):
         return "cons_kind=lpips needs LPIPS weights: set lpips_vgg and lpips_lin (or cons_kind=mse)"
     return ""
@@ -141,6 +153,18 @@ class Decoder:
     pairs: list  # the real training images and their captions
     lpips: nn.Module = None  # L_rec's perceptual term (and L_cons with cons_kind = 'lpips')
     gt_codes: dict = field(default_factory=dict)  # the real images' ground-truth codes, by pair, encoded once
+    images_of_prompt: list = None  # real_images = 'prompts': the pairs captioned with each training prompt
+
+
+@dataclass
+class Chunk:
+    """A forward pass of a decoder step: selected rollouts, and real images with their ground-truth codes."""
+    codes: torch.Tensor  # the rollouts' codes
+    sel_w: torch.Tensor  # their weights (Eq. 6)
+    texts: list  # their prompts (L_BP)
+    real: torch.Tensor  # real training images ...
+    gt_codes: torch.Tensor  # ... and their codes from the frozen encoder (L_rec)
+    fakes: torch.Tensor = None  # the discriminator's fakes, left by decoder_terms
 
 
 def init(c, d, reward=None, rank=0):
@@ -170,7 +194,16 @@ def init(c, d, reward=None, rank=0):
     load_optimizer(opt, os.path.join(d, "opt_decoder.safetensors"))
     load_optimizer(opt_d, os.path.join(d, "opt_disc.safetensors"))
     return Decoder(vq, ema, disc, opt, opt_d, grad_scaler(c), grad_scaler(c), reward, read_prompts(c.train_prompts),
-                   read_pairs(c.train_pairs), lpips)
+                   read_pairs(c.train_pairs), lpips,
+                   images_of_prompt=images_of_prompts(c) if c.real_images == "prompts" else None)
+
+
+def images_of_prompts(c):
+    """For each training prompt, the indices of the train_pairs captioned with it (None if none)."""
+    pairs = {}
+    for i, (_, caption) in enumerate(read_pairs(c.train_pairs)):
+        pairs.setdefault(caption, []).append(i)
+    return [pairs.get(p) for p in read_prompts(c.train_prompts)]
 
 
 def run(s, c, rnd, rollouts_path, rank=0, world=1):
@@ -201,9 +234,12 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
                 check_finite(v, k, step)
             s.scaler.scale(sum(weights[k] * v for k, v in terms.items()) / len(chunks)).backward()
             stats.append({k: v.item() for k, v in terms.items()})
-        all_reduce_grads(decoder_parameters(s.vq), world)
+        if c.decoder_sync == "all_reduce":
+            all_reduce_grads(decoder_parameters(s.vq), world)
         s.scaler.unscale_(s.opt)
         torch.nn.utils.clip_grad_norm_(decoder_parameters(s.vq), c.decoder_grad_clip)
+        for _ in range(c.ema_updates - 1):  # the release's micro-steps that do not step the decoder
+            ema_update(s.ema, s.vq, c.ema_decay)
         s.scaler.step(s.opt)
         s.scaler.update()
         s.opt.zero_grad(set_to_none=True)  # no gradients are held between steps, nor while Stage 1 runs
@@ -233,18 +269,24 @@ def select(c, R, rnd, step, global_step):
 
 
 def load_chunks(s, c, R, idx, sel_w, rnd, step, rank, world):
-    """This rank's chunks of the step: decoder_batch selected rollouts (codes, weights, prompts) and
-    real_batch real training images drawn by (seed, round, step, chunk) with their ground-truth codes."""
+    """This rank's chunks of the step: decoder_batch selected rollouts (codes, weights, prompts) and real
+    training images with their ground-truth codes: real_batch drawn by (seed, round, step, chunk), or
+    (real_images = 'prompts') one of each of the chunk's prompts."""
     chunks = []
     for k in range(rank, c.decoder_chunks, world):
         rows = idx[k * c.decoder_batch:(k + 1) * c.decoder_batch]
-        real_idx = torch.randint(len(s.pairs), (c.real_batch,), generator=rng(c.seed, rnd, step, k, "real")).tolist()
+        g = rng(c.seed, rnd, step, k, "real")
+        if c.real_images == "prompts":
+            real_idx = []
+            for p in dict.fromkeys(R["prompt_ids"][rows].tolist()):
+                of = s.images_of_prompt[p]
+                real_idx.append(of[torch.randint(len(of), (1,), generator=g).item()])
+        else:
+            real_idx = torch.randint(len(s.pairs), (c.real_batch,), generator=g).tolist()
         real = torch.stack([load_image(s.pairs[i][0], c.image_size) for i in real_idx]).to(c.device)
-        chunks.append(SimpleNamespace(codes=R["codes"][rows].to(c.device),
-                                      sel_w=sel_w[k * c.decoder_batch:(k + 1) * c.decoder_batch].to(c.device),
-                                      texts=[s.prompts[i] for i in R["prompt_ids"][rows]],
-                                      real=real, gt_codes=encode_once(s.gt_codes, s.vq, real_idx,
-                                                                      lambda i: real[real_idx.index(i)]).to(c.device)))
+        chunks.append(Chunk(R["codes"][rows].to(c.device), sel_w[k * c.decoder_batch:(k + 1) * c.decoder_batch].to(c.device),
+                            [s.prompts[i] for i in R["prompt_ids"][rows]], real,
+                            encode_once(s.gt_codes, s.vq, real_idx, lambda i: real[real_idx.index(i)]).to(c.device)))
     return chunks
 
 

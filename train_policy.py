@@ -20,7 +20,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -120,6 +119,22 @@ class Policy:
     scaler: torch.amp.GradScaler = None
 
 
+@dataclass
+class Rollouts:
+    """A prompt chunk's rollouts in a GRPO step: G samples of each of its prompts, scored and ranked."""
+    k: int  # the chunk's index in the step (its seed)
+    ids: torch.Tensor  # the prompt of each row
+    cond: torch.Tensor  # caption features ...
+    mask: torch.Tensor  # ... and their mask
+    codes: torch.Tensor  # the sampled image tokens
+    texts: list
+    rewards: torch.Tensor = None
+    logp_ref: torch.Tensor = None  # pi_ref's log-probs (None when the policy is not updated)
+    logp_old: torch.Tensor = None  # pi_old's: the sampler's record, or epoch 1's forward (set in ppo_epoch)
+    advantages: torch.Tensor = None  # Eq. 3's group advantages
+    flat: torch.Tensor = None  # groups whose rewards are all equal
+
+
 def init(c, d, reward, update=True):
     """Stage 1's state from round folder d: the policy, pi_ref and their AdamW state (when the stage
     updates the policy), and the frozen decoder that turns rollouts into images for the reward."""
@@ -176,8 +191,7 @@ def rollout(s, c, rnd, step, rank=0, world=1):
             s.policy.free_cache()  # its memory goes to the training forward
         n = c.prompts_per_chunk * G
         for k, rows in zip(ks, torch.arange(len(ids)).split(n)):
-            r = SimpleNamespace(k=k, ids=ids[rows], cond=cond[rows], mask=mask[rows], codes=codes[rows],
-                                texts=[texts[i] for i in rows])
+            r = Rollouts(k, ids[rows], cond[rows], mask[rows], codes[rows], [texts[i] for i in rows])
             with torch.no_grad(), amp:
                 r.rewards = s.reward(s.vq.decode(r.codes), r.texts).float()
                 r.logp_ref = token_logprobs(s.ref, r.codes, r.cond, r.mask, **sampling(c),

@@ -13,9 +13,10 @@ round folder, as the next round:
 import os
 import sys
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
@@ -48,18 +49,26 @@ def check(c, world=1):
     return ""
 
 
+@dataclass
+class SFT:
+    """The SFT stage's state, in memory from round to round."""
+    policy: nn.Module
+    vq: nn.Module  # the base encoder (the real images' codes) with the round's decoder (the sample grids)
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    pairs: list  # the real training images and their captions
+    codes: dict = field(default_factory=dict)  # their codes, by pair, encoded once
+    update: bool = True
+
+
 def init(c, d):
     """The SFT stage's state from round folder d: the policy and its AdamW state, the tokenizer that
     encodes the real images (the base encoder with the round's decoder, for the sample grids), the pairs."""
-    s = SimpleNamespace(pairs=read_pairs(c.train_pairs), codes={}, update=True)  # codes: by pair, encoded once
-    s.policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(c.device)
-    s.vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
-    s.vq.requires_grad_(False)
-    s.opt = torch.optim.AdamW(s.policy.parameters(), lr=c.sft_lr, betas=c.policy_betas,
-                              weight_decay=c.policy_weight_decay)
-    load_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
-    s.scaler = grad_scaler(c)
-    return s
+    policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(c.device)
+    vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
+    opt = torch.optim.AdamW(policy.parameters(), lr=c.sft_lr, betas=c.policy_betas, weight_decay=c.policy_weight_decay)
+    load_optimizer(opt, os.path.join(d, "opt_policy.safetensors"))
+    return SFT(policy, vq.requires_grad_(False), opt, grad_scaler(c), read_pairs(c.train_pairs))
 
 
 def run(s, c, rnd, rank=0, world=1):

@@ -41,6 +41,7 @@ cons_schedule = "none"
 clamp_policy_images = True
 lambda_bp = 0.01  # script LAMBDA_DEC_REWARD, on 100 cos
 ema_decay = 0.99  # script EMA_DECAY_VQ, every step
+real_images = "prompts"  # a step's real images are its prompts' own: its batches are image-caption pairs
 
 # the loop: no rounds -- one step of each stage, alternating
 policy_steps = 1

@@ -1,5 +1,5 @@
-# The authors' released recipe on Janus-Pro-1B with the HPSv2 reward (HPDv2 prompts):
-# config/released_janus_pro_1b_clip.py but the reward and the KL coefficient
+# The authors' released recipe on Janus-Pro-1B with the HPSv2 reward, trained on HPDv2's prompts and images:
+# config/released_janus_pro_1b_clip.py but the reward, the data and the KL coefficient
 # (scripts/training_janus/train_hps_both.sh). HPSv2 is scored without gradients, so L_BP is off (the
 # release keeps a lambda_bp > 0 on it, which does nothing).
 #   torchrun --nproc_per_node=8 ranke.py config/released_janus_pro_1b_hpsv2.py
@@ -12,3 +12,5 @@ hps_scale = 100.0
 reward_resize = "crop"  # HPSv2's own preprocessing
 beta = 0.01  # script KL_COEF
 lambda_bp = 0.0
+train_prompts = "data/hpdv2/prompts.txt"  # HPDv2's training prompts and preferred images (train_hps_both.sh:
+train_pairs = "data/hpdv2/pairs.jsonl"  # its 15k subset tar): python data/hpdv2/prepare.py --source=...

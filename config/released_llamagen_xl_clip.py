@@ -19,6 +19,8 @@ disc_lr = 2e-5  # trainer:34
 decoder_batch = 4  # the 4 selected rollouts of a GPU's 4 prompts ...
 real_batch = 4  # ... and its 4 ground-truth images
 decoder_chunks = 8  # one per GPU
+decoder_sync = "per_rank"  # its decoder's forward bypasses DDP and nothing all-reduces its gradients: 8 decoders, each
+#                            on its GPU's 4 + 4 images, each scoring its GPU's rollouts; rank 0's is saved
 rounds = 6000  # 6k steps (checkpoints evaluated at 500 ... 6000)
 save_every = 500  # script SAVE_INTERVAL
 sample_every = 500

@@ -7,6 +7,7 @@
 import os
 exec(open(os.path.join(os.path.dirname(__file__), "released.py")).read())
 out_dir = "out/released_shapes"
+decoder_sync = "per_rank"  # as its LlamaGen trainer (the same as all_reduce on one process)
 cons_kind = "mse"
 disc_start = 1
 decoder_batch = 1  # the best rollout of each of a step's 8 prompts, one per chunk, with a real image
