@@ -296,8 +296,8 @@ HPS_STYLES = ("anime", "concept-art", "paintings", "photo")
 def hps_styles(c):
     """The HPSv2 benchmark's styles whose prompt file is in eval_hps_benchmark, each with the eval config
     that samples it (its own image folder)."""
-    files = {s: next((f for f in (os.path.join(c.eval_hps_benchmark, name + ".json") for name in (s, "benchmark_" + s))
-                      if os.path.isfile(f)), None) for s in HPS_STYLES}  # HPSv2's names, or HPDv2's benchmark/ folder's
+    files = {s: next((f for f in (os.path.join(c.eval_hps_benchmark, name + ".json") for name in ("benchmark_" + s, s))
+                      if os.path.isfile(f)), None) for s in HPS_STYLES}  # as the release looks for them
     if not any(files.values()):
         raise FileNotFoundError(f"{c.eval_hps_benchmark} holds none of {', '.join(s + '.json' for s in HPS_STYLES)}"
                                 " (nor benchmark_<style>.json)")

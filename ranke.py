@@ -109,8 +109,8 @@ def report(c, evals, rewards, tracker):
     first, last = min(evals), max(evals)
     evaluation.report(c, {c.out_dir: c}, {c.out_dir: evals}, {c.out_dir: rewards}, c.out_dir)
     if tracker is not None:
-        tracker.log({f[:-4]: tracker.Image(os.path.join(c.out_dir, f)) for f in ("eval_curves.png", "eval_before_after.png")},
-                    step=last)
+        tracker.log({"round": last, **{f[:-4]: tracker.Image(os.path.join(c.out_dir, f)) for f in
+                                       ("eval_curves.png", "eval_before_after.png") if os.path.isfile(os.path.join(c.out_dir, f))}})
     print(f"\nbefore (round {first}) and after (round {last}) on the evaluation prompts "
           f"({os.path.join(c.out_dir, 'eval_before_after.png')}):")
     print(evaluation.table({c.out_dir: {first: evals[first], last: evals[last]}}))
@@ -140,8 +140,8 @@ def main(argv=None, **forced):
     if rank == 0 and c.sample_every and start == 0 and not os.path.exists(os.path.join(d, "samples.png")):
         run_folder.sample_grid(c, policy.policy, policy.vq, os.path.join(d, "samples.png"))
     evals, rewards = run_folder.read_log(c.out_dir)  # a resumed run's, up to its start
-    if c.eval_every and start == 0:
-        evals[0] = evaluate(c, 0, rank, world, tracker)
+    if c.eval_every and start not in evals and (start == 0 or start % c.eval_every == 0 or start == c.rounds):
+        evals[start] = evaluate(c, start, rank, world, tracker)  # round 0, or one a killed run saved but never evaluated
     handover = os.path.join(c.out_dir, "handover")  # this round's rollouts and decoder, for the other stage
     rollouts_file = os.path.join(handover, "rollouts.safetensors")
     per_rank = decoder is not None and c.decoder_sync == "per_rank"  # each rank hands its own decoder to itself

@@ -26,9 +26,11 @@ from model_vq import load_vq, save_decoder
 
 ROUND_FILES = ["policy.safetensors", "policy_ref.safetensors", "opt_policy.safetensors", "decoder.safetensors",
                "decoder_ema.safetensors", "disc.safetensors", "opt_decoder.safetensors", "opt_disc.safetensors"]
-# what a resumed run must share with the run in out_dir (the world size is free: it changes no result)
+# what a resumed run must share with the run in out_dir (the world size is free: it changes no result, but
+# with decoder_sync = 'per_rank', where each rank's decoder is its own)
 COMPATIBLE = common.MODEL_KEYS + ("init_policy", "seed", "mode", "policy_steps", "decoder_steps", "prompts_per_step",
-                                  "prompts_per_chunk", "decoder_chunks", "decoder_batch", "real_batch")
+                                  "prompts_per_chunk", "decoder_chunks", "decoder_batch", "real_batch", "real_images",
+                                  "decoder_sync", "ema_updates")
 
 
 def last_round(out_dir):
@@ -67,32 +69,40 @@ def base_round(c):
     commit_round(tmp, {"round": 0, "run_id": c.run_id, "config": vars(c), "metrics": {}})
 
 
+_held = {}  # out_dir/LOCK -> its open file, while this process runs there
+
+
 def lock(out_dir):
-    """Claim out_dir for this process: out_dir/LOCK holds its pid. A live holder's run is refused by its
-    pid; a dead one's lock (a killed run) is taken over. `unlock` at the end of the run."""
+    """Claim out_dir for this process: an exclusive flock on out_dir/LOCK, which names the holder. The
+    kernel releases it when the process ends, however it ends, so a killed run leaves nothing to clean
+    up; a second run into out_dir meanwhile is refused, naming the first."""
+    import fcntl
+    import socket
+    path = os.path.abspath(os.path.join(out_dir, "LOCK"))
+    if path in _held:  # this process holds it (an earlier run here raised before unlock)
+        return
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "LOCK")
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            try:
-                pid = int(open(path).read())
-                os.kill(pid, 0)  # raises if no such process
-                alive = pid != os.getpid()  # this process's own, left by an earlier call that raised
-            except (OSError, ValueError):
-                alive = False
-            if alive:
-                raise SystemExit(f"{out_dir} is in use by process {pid} (its {path}): wait for that run to end, "
-                                 "or choose another out_dir") from None
-            os.remove(path)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"{out_dir} is in use by {holder} (it holds a lock on {path}): wait for that run to "
+                         "end, or choose another out_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    _held[path] = f
 
 
 def unlock(out_dir):
-    os.remove(os.path.join(out_dir, "LOCK"))
+    """Release out_dir (the LOCK file stays: only its lock counts)."""
+    f = _held.pop(os.path.abspath(os.path.join(out_dir, "LOCK")), None)
+    if f is not None:
+        f.close()
 
 
 def open_run(c, rank, world):
@@ -112,7 +122,7 @@ def open_run(c, rank, world):
             print(f"resuming from {round_dir(c.out_dir, start)} (last saved round)")
             log = os.path.join(c.out_dir, "metrics.jsonl")
             lines = open(log).readlines() if os.path.isfile(log) else []
-            kept = [x for x in lines if json.loads(x)["round"] <= start]
+            kept = [x for x in lines if (r := log_round(x)) is not None and r <= start]
             if kept != lines:
                 atomic_write(log, "".join(kept))
     elif rank == 0:
@@ -158,11 +168,20 @@ def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
             shutil.rmtree(round_dir(c.out_dir, old), ignore_errors=True)
 
 
+def log_round(line):
+    """The round of a metrics.jsonl line; None for a line a crash cut short."""
+    try:
+        return json.loads(line)["round"]
+    except (ValueError, KeyError):
+        return None
+
+
 def read_log(out_dir):
     """The run's metrics.jsonl as ({round: its evaluation}, {round: its training reward})."""
     evals, rewards = {}, {}
     path = os.path.join(out_dir, "metrics.jsonl")
-    for x in map(json.loads, open(path) if os.path.isfile(path) else []):
+    lines = open(path).readlines() if os.path.isfile(path) else []
+    for x in (json.loads(x) for x in lines if log_round(x) is not None):
         if "eval" in x:
             evals[x["round"]] = x["eval"]
         elif "reward" in x:
@@ -183,17 +202,19 @@ def log_metrics(out_dir, record, tracker=None):
         path = os.path.join(round_dir(out_dir, record["round"]), picture)
         if os.path.isfile(path):
             data[picture[:-4]] = tracker.Image(path)
-        tracker.log(data, step=record["round"])
+        tracker.log({"round": record["round"], **data})
 
 
 def open_tracker(c, rank):
     """Weights & Biases on rank 0 when wandb_log (nanoGPT's convention), else None. The run's id is the
-    wandb run's, so a resumed run logs on; WANDB_MODE=offline needs no network."""
+    wandb run's, so a resumed run logs on, its x axis the round (a redone round is logged again);
+    WANDB_MODE=offline needs no network."""
     if not c.wandb_log or rank:
         return None
     import wandb
     wandb.init(project=c.wandb_project, name=c.wandb_run_name or os.path.basename(os.path.abspath(c.out_dir)),
                id=c.run_id, resume="allow", dir=c.out_dir, config=vars(c))
+    wandb.define_metric("*", step_metric="round")
     return wandb
 
 

@@ -1730,16 +1730,18 @@ def test_hpsv2_benchmark_per_style_and_averaged_both_ways(world, tmp_path):
 
 
 def test_hpdv2_reader_takes_the_preferred_image_or_the_releases_tar(tmp_path):
-    """data/hpdv2/prepare.py: from HPDv2's train.json each prompt with the image its human_preference
-    marks (not the first listed); from a webdataset tar each NAME.jpg with its NAME.txt; both read back
-    by the runs' readers, one prompt a line."""
+    """data/hpdv2/prepare.py: from HPDv2's train.json (an entry a compared pair) each prompt once, with the
+    image preferred in most of its pairs (a: 2 wins, c: 1; not the first listed); from a webdataset tar
+    each NAME.jpg with its NAME.txt; both read back by the runs' readers, one prompt a line."""
     from data.hpdv2 import prepare as hpdv2
     hpd, colours = tmp_path / "HPD", {"a": (255, 0, 0), "b": (0, 255, 0), "c": (0, 0, 255)}
     os.makedirs(hpd / "train")
     for name, rgb in colours.items():
         Image.new("RGB", (8, 8), rgb).save(hpd / "train" / f"{name}.jpg")
-    rows = [{"prompt": "a red\nthing", "file_path": ["train/b.jpg", "train/a.jpg"], "human_preference": [0, 1]},
-            {"prompt": "a blue thing", "file_path": ["train/c.jpg", "train/b.jpg"], "human_preference": [1, 0]}]
+    rows = [{"prompt": "a red\nthing", "file_path": ["a.jpg", "c.jpg"], "human_preference": [0, 1]},  # an entry a pair,
+            {"prompt": "a blue thing", "file_path": ["c.jpg", "b.jpg"], "human_preference": [1, 0]},  # paths under train/
+            {"prompt": "a red\nthing", "file_path": ["b.jpg", "a.jpg"], "human_preference": [0, 1]},
+            {"prompt": "a red\nthing", "file_path": ["a.jpg", "b.jpg"], "human_preference": [1, 0]}]
     (hpd / "train.json").write_text(json.dumps(rows))
     out = tmp_path / "out"
     os.makedirs(out)
@@ -1759,6 +1761,11 @@ def test_hpdv2_reader_takes_the_preferred_image_or_the_releases_tar(tmp_path):
     assert Image.open(pairs[1][0]).getpixel((4, 4))[2] > 200  # the blue image, unpacked
     with pytest.raises(SystemExit, match="--source must be"):
         hpdv2.main([f"--source={tmp_path / 'missing'}", f"--out={out}"])
+    tiny_t5(str(tmp_path / "t5"), WORDS)  # "a red thing" is 4 tokens with </s>, "a blue thing" too: 3 slots keep none
+    with pytest.raises(SystemExit, match="no captioned images"):
+        hpdv2.main([f"--source={hpd}", f"--out={out}", f"--t5_path={tmp_path / 't5'}", "--slots=3"])
+    hpdv2.main([f"--source={hpd}", f"--out={out}", f"--t5_path={tmp_path / 't5'}", "--slots=4"])
+    assert len(read_prompts(str(out / "prompts.txt"))) == 2
 
 
 def test_geneval_rules_on_hand_made_detections():
@@ -2004,13 +2011,15 @@ def test_wandb_log_gets_every_record_and_its_pictures(world, tmp_path, monkeypat
     assert not out.exists()
     calls, fake = [], SimpleNamespace()
     fake.init = lambda **kw: calls.append(("init", kw))
-    fake.log = lambda data, step: calls.append(("log", step, data))
+    fake.log = lambda data: calls.append(("log", data.pop("round"), data))
+    fake.define_metric = lambda name, step_metric: calls.append(("define_metric", name, step_metric))
     fake.Image = lambda path: ("image", os.path.relpath(path, out))
     fake.finish = lambda: calls.append(("finish",))
     monkeypatch.setitem(sys.modules, "wandb", fake)
     ranke.main([world, f"--out_dir={out}", "--wandb_log=True", "--sample_every=1"])
     records = [json.loads(x) for x in open(out / "metrics.jsonl")]
     assert calls[0][0] == "init" and calls[0][1]["name"] == "run" and calls[0][1]["config"]["wandb_log"] is True
+    assert calls[1] == ("define_metric", "*", "round")  # the x axis: a resumed run's redone rounds are logged again
     assert calls[-1] == ("finish",) and len(records) == 2
     logs = [x for x in calls if x[0] == "log"]
     assert [step for _, step, _ in logs] == [r["round"] for r in records]
@@ -2034,18 +2043,22 @@ def test_wandb_offline_run_where_installed(world, tmp_path, monkeypatch):
 
 
 def test_one_run_at_a_time_and_a_resumed_log_keeps_each_round_once(world, tmp_path):
-    """out_dir/LOCK: a run into an out_dir whose holder is alive is refused with its pid and writes
-    nothing; a dead holder's lock (a killed run) is taken over; the lock goes at the end. A resumed run
-    drops what a killed run logged after its last save and logs the redone rounds again, once. A saved
-    round's rollouts are a copy of the hand-over file, which later rounds replace."""
+    """out_dir/LOCK: a run into an out_dir another process holds is refused, naming it, and writes
+    nothing; the lock goes with its holder (killed here) and at the end of a run. A resumed run drops what
+    a killed run logged after its last save and logs the redone rounds again, once. A saved round's
+    rollouts are a copy of the hand-over file, which later rounds replace."""
+    import fcntl
     out = tmp_path / "run"
     ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0"])
-    assert not (out / "LOCK").exists()  # and the round holds its own rollouts, not the hand-over file's inode
+    with open(out / "LOCK", "a+") as f:  # released at the end of the run
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert not os.path.samefile(out / "round_0001" / "rollouts.safetensors", out / "handover" / "rollouts.safetensors")
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'w'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'process {os.getpid()} on a node'); f.flush(); "
+                               "print('held', flush=True); time.sleep(120)", str(out / "LOCK")], stdout=subprocess.PIPE, text=True)
     try:
-        (out / "LOCK").write_text(str(holder.pid))
-        with pytest.raises(SystemExit, match=f"in use by process {holder.pid}"):
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=f"in use by process {holder.pid} on a node"):
             ranke.main([world, f"--out_dir={out}", "--rounds=2", "--sample_every=0"])
         assert common.saved_rounds(str(out)) == [0, 1] and len(open(out / "metrics.jsonl").readlines()) == 1
     finally:
@@ -2055,7 +2068,7 @@ def test_one_run_at_a_time_and_a_resumed_log_keeps_each_round_once(world, tmp_pa
         f.write(json.dumps({"round": 2, "reward": 9.0}) + "\n")
     ranke.main([world, f"--out_dir={out}", "--rounds=2", "--sample_every=0"])
     evals, rewards = run_folder.read_log(str(out))
-    assert sorted(rewards) == [1, 2] and rewards[2] != 9.0 and evals == {} and not (out / "LOCK").exists()
+    assert sorted(rewards) == [1, 2] and rewards[2] != 9.0 and evals == {}
     assert [json.loads(x)["round"] for x in open(out / "metrics.jsonl")] == [1, 2]
 
 
