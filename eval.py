@@ -429,8 +429,9 @@ def main(argv=None):
     cfg = {**defaults(common), **defaults(sys.modules[__name__])}
     configure(cfg, argv)
     c = SimpleNamespace(**cfg)
-    if check(c):
-        raise SystemExit(check(c))
+    msg = check(c)
+    if msg:
+        raise SystemExit(msg)
     rank, world, c.device = init_dist(c.device)
     common.check_dtype(c.device, c.dtype)
     if c.geneval_images:  # images made elsewhere, in GenEval's layout

@@ -180,8 +180,11 @@ def read_log(out_dir):
     """The run's metrics.jsonl as ({round: its evaluation}, {round: its training reward})."""
     evals, rewards = {}, {}
     path = os.path.join(out_dir, "metrics.jsonl")
-    lines = open(path).readlines() if os.path.isfile(path) else []
-    for x in (json.loads(x) for x in lines if log_round(x) is not None):
+    for line in open(path) if os.path.isfile(path) else []:
+        try:
+            x = json.loads(line)
+        except ValueError:  # a line a crash cut short
+            continue
         if "eval" in x:
             evals[x["round"]] = x["eval"]
         elif "reward" in x:

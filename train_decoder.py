@@ -130,9 +130,11 @@ def check(c, world=1):
         return f"select_k ({c.select_k}) must be within 1..group_size and divide decoder_chunks x decoder_batch"
     if min(c.select_temp_start, c.select_temp_end) <= 0:
         return "select_temp_start and select_temp_end must be > 0"
-    if c.real_images == "prompts" and None in images_of_prompts(c):
-        missing = read_prompts(c.train_prompts)[images_of_prompts(c).index(None)]
-        return f"real_images=prompts needs an image of every training prompt in train_pairs: {missing!r} has none"
+    if c.real_images == "prompts":
+        prompts = read_prompts(c.train_prompts)
+        missing = [p for p, of in zip(prompts, images_of_prompts(prompts, read_pairs(c.train_pairs))) if of is None]
+        if missing:
+            return f"real_images=prompts needs an image of every training prompt in train_pairs: {missing[0]!r} has none"
     if c.cons_kind == "lpips" and not (c.lpips_vgg and c.lpips_lin):
         return "cons_kind=lpips needs LPIPS weights: set lpips_vgg and lpips_lin (or cons_kind=mse)"
     return ""
@@ -193,17 +195,17 @@ def init(c, d, reward=None, rank=0):
     opt_d = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=c.disc_betas, weight_decay=c.disc_weight_decay)
     load_optimizer(opt, os.path.join(d, "opt_decoder.safetensors"))
     load_optimizer(opt_d, os.path.join(d, "opt_disc.safetensors"))
-    return Decoder(vq, ema, disc, opt, opt_d, grad_scaler(c), grad_scaler(c), reward, read_prompts(c.train_prompts),
-                   read_pairs(c.train_pairs), lpips,
-                   images_of_prompt=images_of_prompts(c) if c.real_images == "prompts" else None)
+    prompts, pairs = read_prompts(c.train_prompts), read_pairs(c.train_pairs)
+    return Decoder(vq, ema, disc, opt, opt_d, grad_scaler(c), grad_scaler(c), reward, prompts, pairs, lpips,
+                   images_of_prompt=images_of_prompts(prompts, pairs) if c.real_images == "prompts" else None)
 
 
-def images_of_prompts(c):
-    """For each training prompt, the indices of the train_pairs captioned with it (None if none)."""
-    pairs = {}
-    for i, (_, caption) in enumerate(read_pairs(c.train_pairs)):
-        pairs.setdefault(caption, []).append(i)
-    return [pairs.get(p) for p in read_prompts(c.train_prompts)]
+def images_of_prompts(prompts, pairs):
+    """For each prompt, the indices of the pairs captioned with it (None if none)."""
+    of = {}
+    for i, (_, caption) in enumerate(pairs):
+        of.setdefault(caption, []).append(i)
+    return [of.get(p) for p in prompts]
 
 
 def run(s, c, rnd, rollouts_path, rank=0, world=1):
