@@ -99,7 +99,7 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("loop: EMA hand-over ignored", "ranke.py", 'save_decoder(decoder.vq if c.reward_decoder == "decoder" else decoder.ema, decoder_file)', "save_decoder(decoder.vq, decoder_file)"),
     ("loop: decoder hand-over skipped", "ranke.py", "train_policy.set_decoder(policy, decoder_file)", "pass"),
     ("loop: a held out_dir not refused", "run_folder.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass"),
-    ("loop: a resumed log keeps a killed run's rounds", "run_folder.py", 'if json.loads(x)["round"] <= start', "if True"),
+    ("loop: a resumed log keeps a killed run's rounds", "run_folder.py", "if (r := log_round(x)) is not None and r <= start]", "]"),
     ("rng: chunk ignored in seeds", "common.py", "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints).encode())",
      "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints[:3]).encode())"),
     ("sft: captions never dropped", "train_sft.py", "uncond = torch.rand(c.sft_batch, generator=g) < c.sft_uncond",
