@@ -14,6 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+class BadInput(ValueError):
+    """A file or setting the user gave that cannot be used; its message names it and what to do. The
+    scripts end on one with that line alone (common.main), not a traceback."""
+
+
 def read_state_dict(path, keys=("model", "module", "state_dict")):
     """Tensors of a checkpoint: .safetensors, or a .pt/.pth whose tensors sit under one of `keys`
     (LlamaGen writes {"model": ...}; DeepSpeed {"module": ...}; HPSv2 {"state_dict": ...})."""
@@ -23,21 +28,25 @@ def read_state_dict(path, keys=("model", "module", "state_dict")):
         try:
             return load_file(path)
         except Exception as e:  # safetensors names no file in its errors
-            raise ValueError(f"cannot read {path} ({e}): a truncated or corrupt safetensors file") from None
+            raise BadInput(f"cannot read {path} ({e}): a truncated or corrupt safetensors file; copy it again "
+                           "(a run's round: resume from the round before, --resume_from)") from None
     try:  # LlamaGen's training scripts store their argparse.Namespace beside the weights: harmless
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"refusing to load {path}: it pickles objects other than tensors "
-                         f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]}). "
-                         f"Re-save its state_dict as .safetensors or a plain dict of tensors.") from None
+        raise BadInput(f"refusing to load {path}: it pickles objects other than tensors "
+                       f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]}). "
+                       f"Re-save its state_dict as .safetensors or a plain dict of tensors.") from None
+    except (RuntimeError, EOFError) as e:  # torch names no file: "failed finding central directory", ...
+        raise BadInput(f"cannot read {path} ({str(e).splitlines()[0]}): a truncated or corrupt checkpoint; "
+                       "download or copy it again (a shapes-world file: delete it, and ranke.py writes it anew)") from None
     if isinstance(ckpt, dict):
         for k in keys:
             if k in ckpt and isinstance(ckpt[k], dict):
                 ckpt = ckpt[k]
                 break
     if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise ValueError(f"{path} holds no state_dict of tensors (looked at the top level and under {keys})")
+        raise BadInput(f"{path} holds no state_dict of tensors (looked at the top level and under {keys})")
     return ckpt
 
 
@@ -62,7 +71,7 @@ def read_pretrained(folder, prefix, keep=("",)):
                     if k.startswith(prefix) and k[len(prefix):].startswith(keep):
                         out[k[len(prefix):]] = f.get_tensor(k)
         except Exception as e:
-            raise ValueError(f"cannot read {path} ({e}): a truncated or corrupt safetensors file") from None
+            raise BadInput(f"cannot read {path} ({e}): a truncated or corrupt safetensors file") from None
     return out
 
 
@@ -78,7 +87,7 @@ def check_keys(own, state_dict, what):
         if missing: lines.append(f"  missing: {head(missing)}")
         if unexpected: lines.append(f"  unexpected: {head(unexpected)}")
         if misshaped: lines.append(f"  mis-shaped (file vs config): {head(misshaped)}")
-        raise ValueError("\n".join(lines))
+        raise BadInput("\n".join(lines))
 
 
 def load_exact(model, state_dict, what):
@@ -88,16 +97,38 @@ def load_exact(model, state_dict, what):
     return model
 
 
+def fsync(path):
+    """Flush a file's (or a folder's entries') data to the disk, so that a rename after it never points
+    at data a power cut loses."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace(write, path):
+    """write(tmp), fsync, then the rename onto path; a failed write (a full disk) leaves no temporary."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        fsync(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
 def atomic_write(path, text):
     """A text file written via a temporary file and a rename, so a reader never sees half of it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _replace(write, path)
 
 
 def atomic_save(tensors, path, metadata=None):
     """safetensors.save_file to `path` via a temporary file and a rename (atomic on POSIX)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    _replace(lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                   metadata=metadata), path)

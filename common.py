@@ -8,6 +8,7 @@ intact. round_0000 holds the base models.
 """
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from checkpoint import atomic_save, read_state_dict
+from checkpoint import BadInput, atomic_save, fsync, read_state_dict
 from configurator import configure, defaults
 from model_ar import gpt_config, load_gpt
 from model_janus import TEMPLATE, janus_config, load_janus, prompt_ids
@@ -50,6 +51,8 @@ hps_scale = 1.0
 aesthetic_weights = ""  # sac+logos+ava1-l14-linearMSE.pth
 aesthetic_scale = 1.0
 reward_resize = "crop"  # images to the reward's square: 'crop' (open_clip's bicubic + centre crop) | 'squash' (release)
+score_fp32 = False  # the rewards (L_BP's too) and L_cons's LPIPS outside autocast, in fp32 (the release); with
+#                     dtype float32, the same either way
 caption_padding = "left"  # T5 features 'left'-padded (LlamaGen's training layout) | 'right' (the release's training) |
 #                           'right_zeroed' (every pad zero, the last one too: the release's COCO / HPSv2 samplers)
 group_size = 8  # G rollouts per prompt (Table F.1)
@@ -381,31 +384,78 @@ def check_finite(loss, what, step):
                                  f"nothing of this round is written")
 
 
+def largest_weight(params):
+    return torch.stack([p.detach().abs().max().float() for p in params]).max().item()  # NaN if any is
+
+
+def check_weights(params, what, before, growth=10.0):
+    """Stop the stage whose weights became non-finite or exploded: the largest more than `growth` times
+    what it was at the stage's start (`before`, largest_weight then; a sound round moves it by a few
+    percent). Nothing of the round is written, so the last saved round stays the one to resume from."""
+    now = largest_weight(params)
+    if not math.isfinite(now) or now > growth * before:
+        raise FloatingPointError(f"the {what}'s weights {'became non-finite' if not math.isfinite(now) else 'exploded'}"
+                                 f" in this stage (largest |w| {before:.4g} -> {now:.4g}): stopping it; nothing of "
+                                 "this round is written. Lower its learning rate, or raise its gradient clipping")
+
+
+def plain_errors():
+    """From here on, a bad input (a missing, unreadable or ill-formed file: FileNotFoundError, BadInput)
+    ends the script with its one line, which names the file and what to do, not with a traceback."""
+    hook = sys.excepthook
+
+    def one_line(kind, e, tb):
+        if issubclass(kind, (FileNotFoundError, BadInput)):
+            print(f"error: {e}", file=sys.stderr)
+        else:
+            hook(kind, e, tb)
+    sys.excepthook = one_line
+
+
 # ---------------------------------------------------------------- data
 
 
-def read_prompts(path):
+def read_text(path, what="file"):
+    """A text file's contents as UTF-8; a missing file or a byte that is not UTF-8 is one error naming the
+    file (and the line)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    with open(path, newline="") as f:
-        if path.endswith(".jsonl"):
-            rows = [json.loads(line) for line in f if line.strip()]
-            prompts = [r.get("prompt", r.get("caption")) for r in rows]
-        elif path.endswith(".json"):  # a list of prompts, or of {"prompt": ...} (the HPSv2 benchmark's style files)
-            prompts = json.load(f)
-            if not isinstance(prompts, list):
-                raise ValueError(f"{path}: a .json prompt file holds a list of prompts")
-            prompts = [p.get("prompt") if isinstance(p, dict) else p for p in prompts]
-        elif path.endswith((".csv", ".tsv")):
-            rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
-            col = next((k for k in ("Prompt", "prompt", "caption") if rows and k in rows[0]), None)
-            if col is None:
-                raise ValueError(f"{path}: no 'Prompt', 'prompt' or 'caption' column")
-            prompts = [r[col] for r in rows]
-        else:
-            prompts = [line.strip() for line in f if line.strip()]
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise BadInput(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}): save the file as UTF-8") from None
+
+
+def json_line(path, i, line):
+    try:
+        return json.loads(line)
+    except ValueError as e:
+        raise BadInput(f"{path}:{i}: not valid JSON ({e})") from None
+
+
+def read_prompts(path):
+    text = read_text(path, "prompt file")
+    if path.endswith(".jsonl"):
+        rows = [json_line(path, i, x) for i, x in enumerate(text.splitlines(), 1) if x.strip()]
+        prompts = [r.get("prompt", r.get("caption")) if isinstance(r, dict) else None for r in rows]
+    elif path.endswith(".json"):  # a list of prompts, or of {"prompt": ...} (the HPSv2 benchmark's style files)
+        prompts = json_line(path, 1, text)
+        if not isinstance(prompts, list):
+            raise BadInput(f"{path}: a .json prompt file holds a list of prompts")
+        prompts = [p.get("prompt") if isinstance(p, dict) else p for p in prompts]
+    elif path.endswith((".csv", ".tsv")):
+        rows = list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.endswith(".tsv") else ","))
+        col = next((k for k in ("Prompt", "prompt", "caption") if rows and k in rows[0]), None)
+        if col is None:
+            raise BadInput(f"{path}: no 'Prompt', 'prompt' or 'caption' column")
+        prompts = [r[col] for r in rows]
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise ValueError(f"{path}: empty, or a row without a prompt")
+        raise BadInput(f"{path}: empty, or a row without a prompt")
     return prompts
 
 
@@ -413,26 +463,23 @@ def read_pairs(path, check_images=False):
     """Image-caption pairs from JSONL; image paths are relative to the JSONL's folder. With
     check_images, each image's header is read (cheap), so a file that is no image fails at start."""
     from PIL import Image
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"training pairs file not found: {path}")
     root, pairs = os.path.dirname(os.path.abspath(path)), []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                r = json.loads(line)
-                if "image" not in r or "caption" not in r:
-                    raise ValueError(f"{path}:{i}: each line needs 'image' and 'caption'")
-                img = os.path.join(root, r["image"])
-                if not os.path.isfile(img):
-                    raise FileNotFoundError(f"{path}:{i}: image not found: {img}")
-                if check_images:
-                    try:
-                        Image.open(img).close()
-                    except Exception as e:
-                        raise ValueError(f"{path}:{i}: cannot open image {img}: {e}") from None
-                pairs.append((img, r["caption"]))
+    for i, line in enumerate(read_text(path, "training pairs file").splitlines(), 1):
+        if line.strip():
+            r = json_line(path, i, line)
+            if not isinstance(r, dict) or "image" not in r or "caption" not in r:
+                raise BadInput(f"{path}:{i}: each line needs 'image' and 'caption'")
+            img = os.path.join(root, r["image"])
+            if not os.path.isfile(img):
+                raise FileNotFoundError(f"{path}:{i}: image not found: {img}")
+            if check_images:
+                try:
+                    Image.open(img).close()
+                except Exception as e:
+                    raise BadInput(f"{path}:{i}: cannot open image {img}: {e}") from None
+            pairs.append((img, r["caption"]))
     if not pairs:
-        raise ValueError(f"{path}: no pairs")
+        raise BadInput(f"{path}: no pairs")
     return pairs
 
 
@@ -481,15 +528,58 @@ def round_dir(out_dir, k):
     return os.path.join(out_dir, f"round_{k:04d}")
 
 
-def commit_round(tmp, meta):
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def commit_round(tmp, meta, known=None):
+    """Folder tmp (round_NNNN.tmp) made a round: the sha256 of each of its files into meta.json (from
+    `known`, {path: sha256} of files it links to, where it can), every file flushed to the disk, then the
+    rename. A crash at any moment leaves either the whole round or none of it."""
+    known, files = known or {}, {}
+    for name in sorted(os.listdir(tmp)):
+        path = os.path.join(tmp, name)
+        twin = next((p for p in known if os.path.exists(p) and os.path.samefile(p, path)), None)
+        files[name] = known[twin] if twin else sha256(path)
+        fsync(path)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+        json.dump({**meta, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync(tmp)
     os.replace(tmp, tmp[:-len(".tmp")])
+    fsync(os.path.dirname(os.path.abspath(tmp)))
 
 
 def read_meta(d):
-    with open(os.path.join(d, "meta.json")) as f:
-        return json.load(f)
+    path = os.path.join(d, "meta.json")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: {d} is not a complete round folder") from None
+    except ValueError as e:
+        raise BadInput(f"cannot read {path} ({e}): a damaged round folder") from None
+
+
+def verify_round(d, needed=()):
+    """'' if round folder d is whole: its meta.json readable, the `needed` files there, and every file its
+    meta.json lists with that sha256 (rounds saved before checksums have none to check); else what is wrong."""
+    try:
+        files = read_meta(d).get("files", {})
+    except (FileNotFoundError, BadInput) as e:
+        return str(e)
+    for name in sorted(set(needed) | set(files)):
+        path = os.path.join(d, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if name in files and sha256(path) != files[name]:
+            return f"{path} is damaged (its sha256 differs from the one meta.json recorded when it was saved)"
+    return ""
 
 
 def encode_once(cache, vq, idx, image):
@@ -516,14 +606,18 @@ def save_model(model, path):
     atomic_save(model.state_dict(), path)
 
 
-def save_optimizer(opt, path):
+def save_optimizer(opt, path, scaler=None):
     """AdamW state as safetensors (param index . step / exp_avg / exp_avg_sq), so a resumed run
-    continues exactly; the hyper-parameters come from the config."""
+    continues exactly; the hyper-parameters come from the config. float16's loss scaler (its scale and
+    growth count) rides in the file's metadata."""
     state = opt.state_dict()["state"]
-    atomic_save({f"{i}.{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}, path)
+    meta = {"scaler": json.dumps(scaler.state_dict())} if scaler is not None and scaler.is_enabled() else None
+    atomic_save({f"{i}.{k}": v for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}, path, meta)
 
 
-def load_optimizer(opt, path):
+def load_optimizer(opt, path, scaler=None):
+    """The state save_optimizer wrote; none (a fresh AdamW) where the file is absent: round 0, or a stage
+    run alone from it (a resumed run checks its round has every file first: run_folder.needed_files)."""
     if not os.path.isfile(path):
         return
     flat, state = read_state_dict(path), {}
@@ -533,4 +627,10 @@ def load_optimizer(opt, path):
     sd = opt.state_dict()
     sd["state"] = state
     opt.load_state_dict(sd)
+    if scaler is not None and scaler.is_enabled():
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            saved = (f.metadata() or {}).get("scaler")
+        if saved:
+            scaler.load_state_dict(json.loads(saved))
 

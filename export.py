@@ -55,4 +55,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    common.plain_errors()
     main()

@@ -9,7 +9,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from checkpoint import atomic_write
+from checkpoint import BadInput, atomic_write
+from common import read_text
 
 GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
@@ -22,7 +23,7 @@ def read_geneval_specs(path):
     a line that does not parse is one error naming it."""
     names = set(open(GENEVAL_NAMES).read().split("\n"))
     specs = []
-    for i, line in enumerate(open(path), 1):
+    for i, line in enumerate(read_text(path, "GenEval metadata").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -38,7 +39,7 @@ def read_geneval_specs(path):
         except (ValueError, TypeError, AttributeError):
             bad = True
         if bad:
-            raise ValueError(f"{path}:{i}: not a GenEval spec (a tag of {GENEVAL_TAGS}, a prompt, 'include' "
+            raise BadInput(f"{path}:{i}: not a GenEval spec (a tag of {GENEVAL_TAGS}, a prompt, 'include' "
                              f"clauses of a COCO class, a count, an optional colour or position): {line.strip()[:100]}")
         specs.append(r)
     return specs

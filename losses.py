@@ -301,13 +301,23 @@ class RewardSum:
     """The run's reward: sum_i scale_i R_i(x, c) over the named rewards (not normalised, as in the
     authors' release). Differentiable only if every term is (L_BP needs all of it)."""
 
-    def __init__(self, terms):
+    def __init__(self, terms, fp32=False):
         self.terms = terms  # [(scale, reward)]
         self.name = "+".join(r.name for _, r in terms)
         self.differentiable = all(r.differentiable for _, r in terms)
+        self.fp32 = fp32  # scored outside autocast, in fp32 (the release)
 
     def __call__(self, images, prompts):
-        return sum(scale * r(images, prompts) for scale, r in self.terms)
+        score = lambda x: sum(scale * r(x, prompts) for scale, r in self.terms)
+        return in_fp32(score)(images) if self.fp32 else score(images)
+
+
+def in_fp32(fn):
+    """fn run outside autocast on fp32 tensors (the release scores its rewards and L_cons's LPIPS so)."""
+    def run(*xs):
+        with torch.autocast(next(x for x in xs if torch.is_tensor(x)).device.type, enabled=False):
+            return fn(*(x.float() if torch.is_tensor(x) else x for x in xs))
+    return run
 
 
 REWARDS = ("clip", "hpsv2", "aesthetic")
@@ -332,4 +342,4 @@ def run_reward(c):
              "hpsv2": lambda: Reward("hpsv2", "ViT-H-14", c.hps_weights, c.device, False, resize=c.reward_resize),
              "aesthetic": lambda: Aesthetic(clip, c.aesthetic_weights)}
     scales = {"clip": c.clip_scale, "hpsv2": c.hps_scale, "aesthetic": c.aesthetic_scale}
-    return RewardSum([(scales[n], terms[n]()) for n in names])
+    return RewardSum([(scales[n], terms[n]()) for n in names], c.score_fp32)

@@ -40,13 +40,14 @@ save_every = 1  # rounds between saves of the full state (models, optimizers, EM
 sample_every = 5  # rounds between sample grids (round 0 too); 0 = never
 sample_prompts = 8  # the first N training prompts, fixed seed
 resume = True  # continue from the last saved round in out_dir
+resume_from = -1  # ... or from this saved round (-1: the last); the rounds after it are set aside, not deleted
 keep_last = 2  # saved rounds kept on disk (a GPT-XL round with optimizer states is ~13 GB) ...
 keep_every = 10  # ... besides round 0 and every keep_every-th, for evaluation
 eval_every = 5  # eval.py's metrics on round 0, every eval_every rounds and the last; 0 = off
 wandb_log = False  # every round's metrics and pictures to Weights & Biases too (pip install wandb; WANDB_MODE=offline)
 wandb_project = "ranke"
 wandb_run_name = ""  # "" = out_dir's name
-RANGES = {"rounds": common.NON_NEGATIVE, "save_every": (lambda v: v >= 1, ">= 1 (rounds between full saves)"),
+RANGES = {"rounds": common.NON_NEGATIVE, "resume_from": (lambda v: v >= -1, ">= -1 (-1: the last saved round)"), "save_every": (lambda v: v >= 1, ">= 1 (rounds between full saves)"),
           "sample_every": common.NON_NEGATIVE, "sample_prompts": common.AT_LEAST_1, "keep_last": common.AT_LEAST_1,
           "keep_every": common.AT_LEAST_1, "eval_every": common.NON_NEGATIVE}
 
@@ -186,4 +187,5 @@ def main(argv=None, **forced):
 
 
 if __name__ == "__main__":
+    common.plain_errors()
     main()

@@ -33,6 +33,17 @@ COMPATIBLE = common.MODEL_KEYS + ("init_policy", "seed", "mode", "policy_steps",
                                   "decoder_sync", "ema_updates")
 
 
+def needed_files(mode, k):
+    """The files round k must hold for a run of `mode` to resume from it: the models, and after round 0
+    the optimizer states (and the discriminator) of the stages the mode trains."""
+    files = ["policy.safetensors", "policy_ref.safetensors", "decoder.safetensors", "decoder_ema.safetensors"]
+    if k > 0 and mode != "decoder_only":
+        files.append("opt_policy.safetensors")
+    if k > 0 and mode in ("ranke", "decoder_only"):
+        files += ["disc.safetensors", "opt_decoder.safetensors", "opt_disc.safetensors"]
+    return files
+
+
 def last_round(out_dir):
     """The number of the last complete round, -1 if none."""
     return max(common.saved_rounds(out_dir), default=-1)
@@ -107,10 +118,21 @@ def unlock(out_dir):
 
 def open_run(c, rank, world):
     """The round the run starts from: 0 for a new run (rank 0 writes round_0000), or the last saved round
-    of the run already in out_dir, which must be of the same settings (COMPATIBLE) and prompts. Sets
-    c.run_id, which tags the run's hand-over files. A resumed run's log keeps the rounds up to its start
-    (the later ones are redone)."""
-    start = last_round(c.out_dir)
+    (or `resume_from`) of the run already in out_dir, which must be whole (every file it needs, each with
+    the checksum it was saved with) and of the same settings (COMPATIBLE) and prompts. Sets c.run_id,
+    which tags the run's hand-over files. A resumed run's log keeps the rounds up to its start (the later
+    ones are redone); rounds after `resume_from` are set aside as round_NNNN.set_aside, not deleted."""
+    saved = common.saved_rounds(c.out_dir)
+    start = saved[-1] if saved and c.resume_from < 0 else c.resume_from
+    if c.resume_from >= 0 and start not in saved:
+        raise SystemExit(f"resume_from={start}: {c.out_dir} holds no round {start} (its saved rounds: {saved or 'none'})")
+    if start >= 0 and rank == 0:  # read every byte once, on one rank
+        bad = common.verify_round(round_dir(c.out_dir, start), needed_files(c.mode, start))
+        if bad:
+            before = [k for k in saved if k < start]
+            raise SystemExit(f"cannot resume from round {start}: {bad}. " + (
+                f"Resume from the round before it with --resume_from={before[-1]} (the later rounds are set aside "
+                "as round_NNNN.set_aside, nothing is deleted)" if before else "No round before it: choose another out_dir"))
     if start >= 0:
         old = read_meta(round_dir(c.out_dir, start))["config"]
         changed = [k for k in COMPATIBLE if old.get(k) != getattr(c, k)]
@@ -119,7 +141,10 @@ def open_run(c, rank, world):
                              + (f" with other {', '.join(changed)}" if changed else "")
                              + ": choose another out_dir (nothing was overwritten)")
         if rank == 0:
-            print(f"resuming from {round_dir(c.out_dir, start)} (last saved round)")
+            for k in (k for k in saved if k > start):
+                aside = round_dir(c.out_dir, k) + ".set_aside"
+                os.rename(round_dir(c.out_dir, k), aside if not os.path.exists(aside) else f"{aside}.{secrets.token_hex(4)}")
+            print(f"resuming from {round_dir(c.out_dir, start)}" + (" (last saved round)" if c.resume_from < 0 else ""))
             log = os.path.join(c.out_dir, "metrics.jsonl")
             lines = open(log).readlines() if os.path.isfile(log) else []
             kept = [x for x in lines if (r := log_round(x)) is not None and r <= start]
@@ -153,16 +178,24 @@ def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
     `keep_last` saves, round 0 and every `keep_every`-th stay."""
     last = round_dir(c.out_dir, last_round(c.out_dir))
     tmp = begin_round(c.out_dir, rnd)
-    if policy.update:
-        (train_sft if c.mode == "sft" else train_policy).save(policy, tmp)
-    if decoder is not None:
-        train_decoder.save(decoder, tmp)
-    if os.path.isfile(rollouts_file):  # a copy: what happens to the hand-over file later cannot reach the round
-        shutil.copy2(rollouts_file, os.path.join(tmp, "rollouts.safetensors"))
-    carry_over(last, tmp, ROUND_FILES)
-    if c.sample_every and rnd % c.sample_every == 0:
-        sample_grid(c, policy.policy, policy.vq, os.path.join(tmp, "samples.png"))
-    commit_round(tmp, {"round": rnd, "run_id": c.run_id, "config": vars(c), "metrics": metrics})
+    try:
+        if policy.update:
+            (train_sft if c.mode == "sft" else train_policy).save(policy, tmp)
+        if decoder is not None:
+            train_decoder.save(decoder, tmp)
+        if os.path.isfile(rollouts_file):  # a copy: what happens to the hand-over file later cannot reach the round
+            shutil.copy2(rollouts_file, os.path.join(tmp, "rollouts.safetensors"))
+        carry_over(last, tmp, ROUND_FILES)
+        if c.sample_every and rnd % c.sample_every == 0:
+            sample_grid(c, policy.policy, policy.vq, os.path.join(tmp, "samples.png"))
+        known = {os.path.join(last, n): h for n, h in read_meta(last).get("files", {}).items()}  # the linked files'
+        commit_round(tmp, {"round": rnd, "run_id": c.run_id, "config": vars(c), "metrics": metrics}, known)
+    except OSError as e:  # a full disk, a permission: the last round stays as it was
+        shutil.rmtree(tmp, ignore_errors=True)
+        size = sum(os.path.getsize(os.path.join(last, n)) for n in os.listdir(last))
+        raise SystemExit(f"saving round {rnd} failed ({e}); nothing of it is left, and {last} is intact: resume "
+                         f"from it once there is room (its files take {size / 1e9:.2f} GB; a round needs about as "
+                         f"much, and {c.out_dir} has {shutil.disk_usage(c.out_dir).free / 1e9:.2f} GB free)") from None
     for old in common.saved_rounds(c.out_dir)[:-c.keep_last]:
         if old and old % c.keep_every:
             shutil.rmtree(round_dir(c.out_dir, old), ignore_errors=True)

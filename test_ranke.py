@@ -2,6 +2,7 @@
 `-m "not slow"` leaves out the end-to-end runs on the shapes world and with several processes (mutate.py
 runs those fast ones on each mutant)."""
 import argparse
+import copy
 import json
 import math
 import os
@@ -166,6 +167,13 @@ def test_rope_rotates_as_complex_multiplication():
     w = torch.view_as_complex(rope.contiguous())[None, :, None]
     assert torch.allclose(model_ar.apply_rope(x, rope), torch.view_as_real(z * w).flatten(3), atol=1e-6)
     assert (model_ar.apply_rope(x, rope)[:, :3] == 0).all()  # the caption slots' zero table
+    # the axes, by hand: image token t = 4 i + j (raster order) turns its first 4 pairs by i x freq_m, the
+    # last 4 by j x freq_m, freq_m = 10000^(-2m/8) (LlamaGen's precompute_freqs_cis_2d: rows, then columns)
+    for i in range(4):
+        for j in range(4):
+            for m in range(8):
+                theta = (i if m < 4 else j) * 10000 ** (-2 * (m % 4) / 8)
+                assert torch.allclose(rope[3 + 4 * i + j, m], torch.tensor([math.cos(theta), math.sin(theta)]), atol=1e-6)
 
 
 def test_dropout_off_by_default(gpt):
@@ -761,6 +769,26 @@ def test_squashed_clip_reward_sees_clamped_images(tmp_path):
     assert torch.allclose(r.image_features(images), fi, atol=1e-5)
 
 
+def test_score_fp32_scores_outside_autocast_as_the_release(world, tmp_path):
+    """score_fp32 (the release): under a bf16 autocast the reward is the fp32 one, bit for bit, with its
+    gradient; without it the reward runs in bf16 and differs. L_cons's LPIPS gets fp32 inputs."""
+    r = losses.Reward("clip", "tiny-clip", tiny_clip(tmp_path))
+    images, prompts = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True), ["a red circle", "two blue squares"]
+    exact = losses.RewardSum([(1.0, r)])(images, prompts)
+    with torch.autocast("cpu", torch.bfloat16):
+        fp32 = losses.RewardSum([(1.0, r)], fp32=True)(images, prompts)
+        bf16 = losses.RewardSum([(1.0, r)])(images, prompts)
+    assert torch.equal(fp32, exact) and not torch.allclose(bf16, exact, atol=1e-4)
+    fp32.sum().backward()
+    assert images.grad.abs().sum() > 0
+    seen = []
+    with torch.autocast("cpu", torch.bfloat16):
+        losses.in_fp32(lambda x, y: seen.append((x.dtype, y.dtype, torch.is_autocast_enabled("cpu"))) or x)(
+            images.bfloat16(), images.bfloat16())
+    assert seen == [(torch.float32, torch.float32, False)]
+    assert [run_reward(ranke.config([world, f"--score_fp32={v}"])).fp32 for v in (True, False)] == [True, False]
+
+
 def test_reward_sum_with_the_laion_aesthetic_head(tmp_path):
     clip_file = tiny_clip(tmp_path)
     torch.manual_seed(0)  # LAION's module layout: Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear
@@ -769,7 +797,7 @@ def test_reward_sum_with_the_laion_aesthetic_head(tmp_path):
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "aes.pth")
     c = argparse.Namespace(reward="clip+aesthetic", clip_model="tiny-clip", clip_weights=clip_file, clip_quick_gelu=False,
                            device="cpu", reward_resize="crop", clip_scale=100.0, aesthetic_weights=str(tmp_path / "aes.pth"),
-                           aesthetic_scale=2.0, hps_weights="", hps_scale=1.0)
+                           aesthetic_scale=2.0, hps_weights="", hps_scale=1.0, score_fp32=False)
     r = losses.run_reward(c)
     images, prompts = torch.rand(2, 3, 32, 32) * 2 - 1, ["a red circle", "two blue squares"]
     clip = r.terms[0][1]
@@ -950,6 +978,59 @@ def one_round(world, tmp_path_factory):
     read by the Stage-2 tests below, each on its own copy of the config."""
     out = tmp_path_factory.mktemp("one_round") / "run"
     return ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0"]), out
+
+
+def test_a_grpo_step_moves_each_group_toward_its_best_with_its_own_settings(one_round, monkeypatch):
+    """At prompts_per_chunk 2 (the XL presets'): every group is G rows of one prompt; each rollout's
+    advantage has the sign of its reward minus its group's mean; one GRPO update raises the sequence
+    log-prob of each group's best rollout and lowers the worst's; the optimizer has the stage's lr,
+    betas and weight decay, and the gradient is clipped at policy_grad_clip. Then the policy has moved
+    away from pi_ref, and the next step's KL, taken against pi_ref, is above 0."""
+    c, out = SimpleNamespace(**vars(one_round[0])), one_round[1]
+    c.prompts_per_chunk, c.beta, c.policy_lr, c.policy_grad_clip, c.clip_eps = 2, 0.0, 1e-4, 0.7, 0.3
+    c.policy_betas, c.policy_weight_decay = (0.8, 0.95), 0.02
+    s, G = train_policy.init(c, out / "round_0000", run_reward(c)), c.group_size
+    assert [s.opt.param_groups[0][k] for k in ("lr", "betas", "weight_decay")] == [1e-4, (0.8, 0.95), 0.02]
+    clip, max_norms = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm, **k: max_norms.append(max_norm) or clip(p, max_norm, **k))
+    chunks = train_policy.rollout(s, c, 1, 0)
+
+    def seq_logp(r):
+        with torch.no_grad():
+            return token_logprobs(s.policy, r.codes, r.cond, r.mask, c.cfg_scale, c.temperature, c.top_k, c.top_p)[0].sum(1)
+    before = [seq_logp(r) for r in chunks]
+    for r in chunks:
+        ids, rewards = r.ids.view(-1, G), r.rewards.view(-1, G)
+        assert (ids == ids[:, :1]).all() and len(set(ids[:, 0].tolist())) == 2
+        assert (r.advantages.view(-1, G) * (rewards - rewards.mean(1, keepdim=True)) >= 0).all()
+    train_policy.ppo_epoch(s, c, chunks, 1, 0, 1)
+    assert max_norms == [0.7]
+    for r, b in zip(chunks, before):
+        moved, rewards = (seq_logp(r) - b).view(-1, G), r.rewards.view(-1, G)
+        assert (moved.gather(1, rewards.argmax(1, keepdim=True)) > 0).all(), (moved, rewards)
+        assert (moved.gather(1, rewards.argmin(1, keepdim=True)) < 0).all(), (moved, rewards)
+    c.beta = 0.1
+    nxt = train_policy.rollout(s, c, 1, 1)
+    with torch.no_grad():
+        want = token_logprobs(s.ref, nxt[0].codes, nxt[0].cond, nxt[0].mask, c.cfg_scale, c.temperature, c.top_k, c.top_p)[0]
+    assert torch.equal(nxt[0].logp_ref, want)
+    assert train_policy.ppo_epoch(s, c, nxt, 1, 1, 1)[0]["kl"] > 1e-6
+
+
+def test_l_cons_is_the_kind_it_names_with_lpips_loaded_or_not(one_round):
+    """cons_kind=mse is Eq. 8's MSE even where LPIPS weights are loaded (for L_rec's perceptual term);
+    cons_kind=lpips is LPIPS. At round 0 the EMA decoder is the decoder: the MSE is exactly 0, and a
+    stand-in LPIPS says 7."""
+    c, out = SimpleNamespace(**vars(one_round[0])), one_round[1]
+    c.lambda_bp = 0.0
+    s = train_decoder.init(c, str(out / "round_0000"))
+    s.lpips = lambda x, y: torch.full((len(x), 1, 1, 1), 7.0)
+    R = train_decoder.read_state_dict(str(out / "round_0001" / "rollouts.safetensors"))
+    idx, sel_w = train_decoder.select(c, R, 1, 0, 0)
+    ch = train_decoder.load_chunks(s, c, R, idx, sel_w, 1, 0, 0, 1)[0]
+    for kind, want in (("mse", 0.0), ("lpips", 7.0)):
+        c.cons_kind = kind
+        assert train_decoder.decoder_terms(s, c, ch, False, 0)[0]["L_cons"].item() == want, kind
 
 
 def test_real_images_are_encoded_once_per_run(one_round):
@@ -1545,6 +1626,23 @@ def test_sft_fits_the_real_codes_and_starts_a_ranke_run(world, tmp_path):
         ranke.main([world, f"--out_dir={tmp_path / 'bad'}", f"--init_policy={tmp_path}"])
 
 
+def test_sft_loss_is_the_teacher_forced_nll_of_each_code(world, tmp_path, monkeypatch):
+    """SFT's loss is the mean over codes of -log p(code t | caption, codes < t): the policy's outputs are
+    already next-token aligned (position t predicts code t), read here through token_logprobs."""
+    import train_sft
+    out = tmp_path / "run"
+    c = ranke.main([world, f"--out_dir={out}", "--rounds=0", "--mode=sft"])
+    c.sft_steps, c.sft_chunks, c.sft_uncond = 1, 1, 0.0
+    s = train_sft.init(c, out / "round_0000")
+    ref, seen, forward = copy.deepcopy(s.policy), [], s.policy.forward  # ref: the policy before the step
+    monkeypatch.setattr(s.policy, "forward", lambda codes, cond, mask, **k: seen.append((codes, cond, mask)) or forward(codes, cond, mask, **k))
+    m = train_sft.run(s, c, 1)
+    codes, cond, mask = seen[0]
+    with torch.no_grad():
+        nll = -token_logprobs(ref, codes, cond, mask, 1.0, 1.0, 0, 1.0, cond_only=True)[0].mean()
+    assert abs(m["L_sft"] - nll.item()) < 1e-5
+
+
 def test_draws_are_seeded_by_every_coordinate():
     draw = lambda *key: torch.rand(4, generator=rng(*key))
     assert torch.equal(draw(0, 1, 2, 3), draw(0, 1, 2, 3))
@@ -1572,6 +1670,7 @@ def test_frechet_distance_closed_forms():
     torch.manual_seed(0)
     x = torch.randn(500, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
     mu, s = evaluation.gaussian(x)
+    assert np.allclose(s.numpy(), np.cov(x.numpy().T)) and np.allclose(mu.numpy(), x.numpy().mean(0))  # n - 1, as Inception FID
     assert abs(evaluation.frechet(mu, s, mu, s)) < 1e-8  # a set with itself
     # diagonal covariances: |mu1 - mu2|^2 + sum(s1 + s2 - 2 sqrt(s1 s2))
     m1, m2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
@@ -1823,6 +1922,31 @@ def tiny_mask2former(path, size=384):
     Mask2FormerImageProcessor(size={"shortest_edge": size, "longest_edge": 4 * size}, size_divisor=32).save_pretrained(path)
 
 
+def test_geneval_thresholds_and_the_colour_crop(tmp_path):
+    """GenEval's detection thresholds (0.9 for counting, 0.3 for the other tags: its evaluate_images.py)
+    and its colour crop: the object's pixels inside its mask, GenEval's grey (#999) outside it."""
+    from PIL import Image
+    scorer, thresholds = object.__new__(geneval.GenEval), []
+    scorer.objects = lambda image, threshold: thresholds.append(threshold) or {}
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    spec = {"include": [{"class": "cat", "count": 1}]}
+    for tag in geneval.GENEVAL_TAGS:
+        assert scorer(str(tmp_path / "x.png"), {**spec, "tag": tag}) is False
+    assert thresholds == [0.9 if t == "counting" else 0.3 for t in geneval.GENEVAL_TAGS]
+    image = Image.new("RGB", (8, 8), (10, 200, 30))
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:5, 3:7] = True
+    mask[2, 3] = False  # inside the box, outside the mask
+    crops = []
+    scorer.transform = lambda crop: crops.append(np.asarray(crop)) or torch.zeros(3, 2, 2)
+    scorer.clip = SimpleNamespace(encode_image=lambda x: torch.eye(len(geneval.GENEVAL_COLORS))[[4] * len(x)])
+    scorer.classifiers, scorer.device = {"cat": torch.eye(len(geneval.GENEVAL_COLORS))}, "cpu"
+    assert scorer.colours(image, [([3, 2, 7, 5], mask)], "cat") == [geneval.GENEVAL_COLORS[4]]
+    want = np.full((3, 4, 3), 0x99, dtype=np.uint8)
+    want[mask[2:5, 3:7].numpy()] = (10, 200, 30)
+    assert crops[0].shape == (3, 4, 3) and (crops[0] == want).all()
+
+
 def test_geneval_scorer_with_a_tiny_mask2former(world, tmp_path):
     """The detector's instances are transformers' own (the (query, class) scores that its
     post_process_instance_segmentation keeps, at the image's size); colours come from the 10 of GenEval;
@@ -2070,6 +2194,108 @@ def test_one_run_at_a_time_and_a_resumed_log_keeps_each_round_once(world, tmp_pa
     evals, rewards = run_folder.read_log(str(out))
     assert sorted(rewards) == [1, 2] and rewards[2] != 9.0 and evals == {}
     assert [json.loads(x)["round"] for x in open(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_path, monkeypatch):
+    """Each saved file's sha256 is in meta.json (checked here with hashlib); resuming from a round with a
+    damaged or missing file, or an unreadable meta.json, is refused naming it and offering the round
+    before, and --resume_from then sets the later round aside (nothing deleted) and redoes it exactly. A
+    save that fails (a full disk) leaves no .tmp, the last round intact, and says how much room a round
+    takes; the run then resumes from that round."""
+    import errno
+    import hashlib
+    import checkpoint
+    out, args = tmp_path / "run", [world, f"--out_dir={tmp_path / 'run'}", "--sample_every=0"]
+    ranke.main([*args, "--rounds=2"])
+    r2 = out / "round_0002"
+    files = json.load(open(r2 / "meta.json"))["files"]
+    assert sorted(files) == sorted(run_folder.ROUND_FILES + ["rollouts.safetensors"])
+    assert all(files[n] == hashlib.sha256((r2 / n).read_bytes()).hexdigest() for n in files)
+    original = {n: (r2 / n).read_bytes() for n in files}
+    damaged = bytearray(original["opt_disc.safetensors"])
+    damaged[-3] ^= 1  # one bit of a tensor: the file still parses
+    (r2 / "opt_disc.safetensors").write_bytes(damaged)
+    with pytest.raises(SystemExit, match=r"cannot resume from round 2: .*round_0002/opt_disc.safetensors is damaged .*"
+                                         r"--resume_from=1 \(the later rounds are set aside"):
+        ranke.main([*args, "--rounds=3"])
+    (r2 / "opt_disc.safetensors").write_bytes(original["opt_disc.safetensors"])
+    meta = json.load(open(r2 / "meta.json"))
+    json.dump({k: v for k, v in meta.items() if k != "files"}, open(r2 / "meta.json", "w"))  # a round saved before checksums
+    (r2 / "opt_disc.safetensors").unlink()  # a partial copy
+    with pytest.raises(SystemExit, match=r"round_0002/opt_disc.safetensors is missing\. Resume from the round before it"):
+        ranke.main([*args, "--rounds=3"])
+    (r2 / "meta.json").write_text('{"round": 2, "conf')
+    with pytest.raises(SystemExit, match=r"cannot read .*round_0002/meta.json .*a damaged round folder"):
+        ranke.main([*args, "--rounds=3"])
+    assert common.saved_rounds(str(out)) == [0, 1, 2] and not (out / "round_0003").exists()
+    ranke.main([*args, "--rounds=2", "--resume_from=1"])  # redo round 2; the damaged one stays, set aside
+    assert (out / "round_0002.set_aside" / "policy.safetensors").read_bytes() == original["policy.safetensors"]
+    for n in ("policy.safetensors", "decoder.safetensors", "disc.safetensors", "opt_disc.safetensors"):
+        assert (r2 / n).read_bytes() == original[n], n
+    real_save = checkpoint.save_file
+
+    def full_disk(tensors, path, metadata=None):
+        if "round_0003.tmp" in path and "decoder" in path:
+            real_save(tensors, path, metadata=metadata)  # half of it written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(tensors, path, metadata=metadata)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(SystemExit, match=r"saving round 3 failed \(\[Errno 28\] No space left on device\); nothing of it is "
+                                         r"left, and .*round_0002 is intact: .*its files take 0\.\d+ GB.* GB free"):
+        ranke.main([*args, "--rounds=3"])
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs + [d] if ".tmp" in f]
+    assert not leftovers and not (out / "round_0003").exists() and common.verify_round(str(r2), run_folder.needed_files("ranke", 2)) == ""
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    ranke.main([*args, "--rounds=3"])
+    assert common.saved_rounds(str(out)) == [0, 2, 3]  # keep_last 2
+
+
+def test_unreadable_files_are_one_line_naming_them(world, tmp_path):
+    """A non-UTF-8 prompt file names its line; a truncated .pt checkpoint names itself (torch does not);
+    a script ends on either with that line alone, no traceback."""
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"a red circle\na bl\xfce square\n")
+    with pytest.raises(ValueError, match=r"prompts.txt:2: not UTF-8 text \(byte 0xfc\): save the file as UTF-8"):
+        read_prompts(str(bad))
+    gpt = tmp_path / "gpt.pt"
+    data = open(os.path.join(os.path.dirname(world), "gpt.pt"), "rb").read()
+    gpt.write_bytes(data[:len(data) // 2])
+    p = run_script(world, f"--gpt_ckpt={gpt}", f"--out_dir={tmp_path / 'out'}")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: cannot read {gpt} (") and "truncated or corrupt" in p.stderr
+
+
+def test_loss_scaler_state_rides_with_its_optimizer(tmp_path):
+    """float16's loss scaler (its scale and growth count) is saved with the optimizer and comes back."""
+    lin = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    state = {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 3, "_growth_tracker": 2}
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.load_state_dict(state)
+    common.save_optimizer(opt, str(tmp_path / "opt.safetensors"), scaler)
+    fresh = torch.amp.GradScaler("cpu")
+    common.load_optimizer(torch.optim.AdamW(lin.parameters()), str(tmp_path / "opt.safetensors"), fresh)
+    assert fresh.state_dict() == state
+
+
+def test_a_stage_whose_weights_explode_stops_before_the_round_is_written(world, tmp_path):
+    lin = torch.nn.Linear(3, 2)
+    before = common.largest_weight(lin.parameters())
+    common.check_weights(lin.parameters(), "policy", before)  # unchanged: fine
+    with torch.no_grad():
+        lin.weight.mul_(11 / lin.weight.abs().max() * before)
+    with pytest.raises(FloatingPointError, match="the policy's weights exploded"):
+        common.check_weights(lin.parameters(), "policy", before)
+    with torch.no_grad():
+        lin.bias[0] = float("nan")
+    with pytest.raises(FloatingPointError, match="the policy's weights became non-finite"):
+        common.check_weights(lin.parameters(), "policy", before)
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="the decoder's weights exploded in this stage"):
+        ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0", "--decoder_lr=100"])
+    assert common.saved_rounds(str(out)) == [0]
 
 
 def test_round_line_eta_by_hand():

@@ -33,10 +33,10 @@ import torch.nn as nn
 import common
 from checkpoint import read_state_dict
 from common import (AT_LEAST_1, BETAS, NON_NEGATIVE, POSITIVE, UNIT, all_reduce_grads, autocast, bad_switch,
-                    check_finite, encode_once, grad_scaler, load_image, load_optimizer, mean_stats, out_of_range,
-                    peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng, save_model, save_optimizer,
-                    split_hint)
-from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, gen_adv_loss, patchgan,
+                    check_finite, check_weights, encode_once, grad_scaler, largest_weight, load_image, load_optimizer,
+                    mean_stats, out_of_range, peak_memory_gb, read_pairs, read_prompts, reset_peak_memory, rng,
+                    save_model, save_optimizer, split_hint)
+from losses import (LPIPS, adaptive_weight, bp_loss, cons_loss, disc_loss, ema_update, gen_adv_loss, in_fp32, patchgan,
                     rank_gan_loss, rank_weights, rec_loss, reward_terms, run_reward, schedule, top_k_weights)
 from model_vq import decoder_parameters, load_decoder, load_vq, save_decoder
 
@@ -193,10 +193,11 @@ def init(c, d, reward=None, rank=0):
     opt = torch.optim.AdamW(decoder_parameters(vq), lr=c.decoder_lr, betas=c.decoder_betas,
                             weight_decay=c.decoder_weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=c.disc_lr, betas=c.disc_betas, weight_decay=c.disc_weight_decay)
-    load_optimizer(opt, os.path.join(d, "opt_decoder.safetensors"))
-    load_optimizer(opt_d, os.path.join(d, "opt_disc.safetensors"))
+    scaler, scaler_d = grad_scaler(c), grad_scaler(c)
+    load_optimizer(opt, os.path.join(d, "opt_decoder.safetensors"), scaler)
+    load_optimizer(opt_d, os.path.join(d, "opt_disc.safetensors"), scaler_d)
     prompts, pairs = read_prompts(c.train_prompts), read_pairs(c.train_pairs)
-    return Decoder(vq, ema, disc, opt, opt_d, grad_scaler(c), grad_scaler(c), reward, prompts, pairs, lpips,
+    return Decoder(vq, ema, disc, opt, opt_d, scaler, scaler_d, reward, prompts, pairs, lpips,
                    images_of_prompt=images_of_prompts(prompts, pairs) if c.real_images == "prompts" else None)
 
 
@@ -216,6 +217,7 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
     reset_peak_memory(dev)
     R = read_state_dict(rollouts_path)
     check_rollouts(c, rollouts_path, R)
+    start_weight = largest_weight(decoder_parameters(s.vq))
     stats, bar = [], range(c.decoder_steps)
     if rank == 0:
         from tqdm import tqdm
@@ -248,6 +250,7 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
         ema_update(s.ema, s.vq, c.ema_decay)
         if gan_on and not c.disc_first:  # the paper's order: the discriminator then learns from this step's fakes
             disc_step(s, c, chunks, world, step, stats)
+    check_weights(decoder_parameters(s.vq), "decoder", start_weight)
     metrics = mean_stats(stats, world, dev)
     metrics.update(decoder_time_s=time.time() - t0, decoder_peak_gb=peak_memory_gb(dev))
     return metrics
@@ -309,7 +312,8 @@ def decoder_terms(s, c, ch, gan_on, global_step):
         if c.clamp_policy_images:
             images, ema_images = images.clamp(-1, 1), ema_images.clamp(-1, 1)
         terms = {"L_rec": rec_loss(recon, ch.real, c.rec_kind, s.lpips, c.perceptual_weight),
-                 "L_cons": cons_loss(images, ema_images, s.lpips if c.cons_kind == "lpips" else None)}
+                 "L_cons": cons_loss(images, ema_images, None if c.cons_kind == "mse" else
+                                     in_fp32(s.lpips) if c.score_fp32 else s.lpips)}
         if c.lambda_bp > 0:  # Eq. 5; top_k weights it as the release does (weight 1 at select_k = 1)
             terms["L_BP"] = bp_loss(s.reward, images, ch.texts, ch.sel_w if top_k else None)
         if gan_on and c.lambda_gan > 0:
@@ -342,8 +346,8 @@ def save(s, d):
     save_decoder(s.vq, os.path.join(d, "decoder.safetensors"))
     save_decoder(s.ema, os.path.join(d, "decoder_ema.safetensors"))
     save_model(s.disc, os.path.join(d, "disc.safetensors"))
-    save_optimizer(s.opt, os.path.join(d, "opt_decoder.safetensors"))
-    save_optimizer(s.opt_d, os.path.join(d, "opt_disc.safetensors"))
+    save_optimizer(s.opt, os.path.join(d, "opt_decoder.safetensors"), s.scaler)
+    save_optimizer(s.opt_d, os.path.join(d, "opt_disc.safetensors"), s.scaler_d)
 
 
 def check_rollouts(c, path, R):
@@ -360,6 +364,7 @@ def check_rollouts(c, path, R):
 
 
 if __name__ == "__main__":
+    common.plain_errors()
     c = common.standalone_config(sys.modules[__name__])
     if not os.path.isfile(c.rollouts):
         raise SystemExit(f"give --rollouts=FILE, a rollouts.safetensors of the same run (got {c.rollouts!r})")

@@ -27,9 +27,10 @@ import torch.nn as nn
 
 import common
 from checkpoint import atomic_save
-from common import (AT_LEAST_1, BETAS, NON_NEGATIVE, POSITIVE, UNIT, all_gather, all_reduce_grads, autocast, bad_switch, caption_features, check_finite, grad_scaler,
-                    load_optimizer, mean_stats, peak_memory_gb, read_prompts, reset_peak_memory, rng, save_model,
-                    out_of_range, save_optimizer, split_hint)
+from common import (AT_LEAST_1, BETAS, NON_NEGATIVE, POSITIVE, UNIT, all_gather, all_reduce_grads, autocast, bad_switch,
+                    caption_features, check_finite, check_weights, grad_scaler, largest_weight, load_optimizer,
+                    mean_stats, out_of_range, peak_memory_gb, read_prompts, reset_peak_memory, rng, save_model,
+                    save_optimizer, split_hint)
 from losses import ema_update, group_advantages, grpo_loss, run_reward
 from model_ar import decode_one_token, generate, token_logprobs
 from model_vq import load_decoder, load_vq
@@ -151,8 +152,8 @@ def init(c, d, reward, update=True):
         s.ref = common.load_policy(c, os.path.join(d, "policy_ref.safetensors")).to(dev).requires_grad_(False)
         s.opt = torch.optim.AdamW(policy.parameters(), lr=c.policy_lr, betas=c.policy_betas,
                                   weight_decay=c.policy_weight_decay)
-        load_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
         s.scaler = grad_scaler(c)
+        load_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"), s.scaler)
     else:
         policy.requires_grad_(False)
     return s
@@ -240,6 +241,7 @@ def run(s, c, rnd, rank=0, world=1):
     reset_peak_memory(dev)
     n_chunks = c.prompts_per_step // c.prompts_per_chunk
     stats, saved = [], {"codes": [], "rewards": [], "prompt_ids": [], "chunk": []}
+    start_weight = largest_weight(s.policy.parameters())
     bar = range(c.policy_steps)
     if rank == 0:
         from tqdm import tqdm
@@ -253,6 +255,7 @@ def run(s, c, rnd, rank=0, world=1):
         for r in chunks:
             for key, v in zip(saved, (r.codes, r.rewards, r.ids, torch.full_like(r.ids, step * n_chunks + r.k))):
                 saved[key].append(v.cpu())
+    check_weights(s.policy.parameters(), "policy", start_weight)
     metrics = mean_stats(stats, world, dev)
     out = {k: all_gather(torch.cat(v).to(dev), world).cpu() for k, v in saved.items()}
     order = out.pop("chunk").argsort(stable=True)
@@ -264,7 +267,7 @@ def save(s, d):
     """The stage's state into folder d (rank 0): the policy, pi_ref and their AdamW state."""
     save_model(s.policy, os.path.join(d, "policy.safetensors"))
     save_model(s.ref, os.path.join(d, "policy_ref.safetensors"))
-    save_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
+    save_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"), s.scaler)
 
 
 def save_rollouts(rollouts, c, rnd, path):
@@ -279,6 +282,7 @@ def write(s, rollouts, c, rnd, d):
 
 
 if __name__ == "__main__":
+    common.plain_errors()
     c = common.standalone_config(sys.modules[__name__])
     s = init(c, c.init_from, run_reward(c))
     rollouts, m = run(s, c, c.round)

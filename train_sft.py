@@ -67,8 +67,9 @@ def init(c, d):
     policy = common.load_policy(c, os.path.join(d, "policy.safetensors")).to(c.device)
     vq = load_decoder(load_vq(c.vq_ckpt, c.vq_model), os.path.join(d, "decoder.safetensors")).to(c.device)
     opt = torch.optim.AdamW(policy.parameters(), lr=c.sft_lr, betas=c.policy_betas, weight_decay=c.policy_weight_decay)
-    load_optimizer(opt, os.path.join(d, "opt_policy.safetensors"))
-    return SFT(policy, vq.requires_grad_(False), opt, grad_scaler(c), read_pairs(c.train_pairs))
+    scaler = grad_scaler(c)
+    load_optimizer(opt, os.path.join(d, "opt_policy.safetensors"), scaler)
+    return SFT(policy, vq.requires_grad_(False), opt, scaler, read_pairs(c.train_pairs))
 
 
 def run(s, c, rnd, rank=0, world=1):
@@ -111,10 +112,11 @@ def save(s, d):
     it starts with, and its AdamW state."""
     save_model(s.policy, os.path.join(d, "policy.safetensors"))
     os.link(os.path.join(d, "policy.safetensors"), os.path.join(d, "policy_ref.safetensors"))
-    save_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"))
+    save_optimizer(s.opt, os.path.join(d, "opt_policy.safetensors"), s.scaler)
 
 
 if __name__ == "__main__":
+    common.plain_errors()
     import train_policy  # its AdamW betas and weight decay
     c = common.standalone_config(sys.modules[__name__], uses=(train_policy,))
     s = init(c, c.init_from)
