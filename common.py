@@ -203,6 +203,9 @@ def standalone_config(module, argv=None, uses=()):
     init_from = next((a.split("=", 1)[1] for a in argv if a.startswith("--init_from=")), "")
     if not os.path.isfile(os.path.join(init_from, "meta.json")):
         raise SystemExit(f"give --init_from=ROUND_FOLDER, a round folder of a RankE run (got {init_from!r})")
+    bad = verify_round(init_from)
+    if bad:
+        raise SystemExit(f"cannot start from {init_from}: {bad}")
     meta = read_meta(init_from)
     # the run's keys that are not this stage's (the loop's `rounds`, the other stage's) stand, so that the
     # run's config file is accepted; this stage's own come from its file, as ranke.py would run them

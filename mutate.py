@@ -112,6 +112,7 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("loop: a held out_dir not refused", "run_folder.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass"),
     ("loop: a resumed log keeps a killed run's rounds", "run_folder.py", "if (r := log_round(x)) is not None and r <= start]", "]"),
     ("loop: a damaged round resumed", "common.py", "if name in files and sha256(path) != files[name]:", "if False:"),
+    ("loop: a stage alone starts from a damaged round", "common.py", "bad = verify_round(init_from)", 'bad = ""'),
     ("loop: a partial round resumed", "run_folder.py", "needed_files(c.mode, start))", "())"),
     ("loop: a failed save leaves its .tmp", "run_folder.py", "        shutil.rmtree(tmp, ignore_errors=True)\n        size = ", "        size = "),
     ("loop: the loss scaler not saved", "common.py", 'meta = {"scaler": json.dumps(scaler.state_dict())} if scaler', "meta = None if scaler"),

@@ -2199,7 +2199,7 @@ def test_one_run_at_a_time_and_a_resumed_log_keeps_each_round_once(world, tmp_pa
 def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_path, monkeypatch):
     """Each saved file's sha256 is in meta.json (checked here with hashlib); resuming from a round with a
     damaged or missing file, or an unreadable meta.json, is refused naming it and offering the round
-    before, and --resume_from then sets the later round aside (nothing deleted) and redoes it exactly. A
+    before (a stage alone refuses it too), and --resume_from then sets the later round aside (nothing deleted) and redoes it exactly. A
     save that fails (a full disk) leaves no .tmp, the last round intact, and says how much room a round
     takes; the run then resumes from that round."""
     import errno
@@ -2218,6 +2218,8 @@ def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_
     with pytest.raises(SystemExit, match=r"cannot resume from round 2: .*round_0002/opt_disc.safetensors is damaged .*"
                                          r"--resume_from=1 \(the later rounds are set aside"):
         ranke.main([*args, "--rounds=3"])
+    with pytest.raises(SystemExit, match=r"cannot start from .*round_0002: .*opt_disc.safetensors is damaged"):
+        common.standalone_config(train_decoder, [world, f"--init_from={r2}", f"--out_dir={tmp_path / 'alone'}"])
     (r2 / "opt_disc.safetensors").write_bytes(original["opt_disc.safetensors"])
     meta = json.load(open(r2 / "meta.json"))
     json.dump({k: v for k, v in meta.items() if k != "files"}, open(r2 / "meta.json", "w"))  # a round saved before checksums
