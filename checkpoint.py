@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 class BadInput(ValueError):
     """A file or setting the user gave that cannot be used; its message names it and what to do. The
-    scripts end on one with that line alone (common.main), not a traceback."""
+    scripts end on one with that line alone (common.plain_errors), not a traceback."""
 
 
 def read_state_dict(path, keys=("model", "module", "state_dict")):

@@ -433,19 +433,20 @@ def read_text(path, what="file"):
 
 
 def json_line(path, i, line):
+    """Line i of a file (None: the whole file) parsed as JSON, or one error naming where."""
     try:
         return json.loads(line)
     except ValueError as e:
-        raise BadInput(f"{path}:{i}: not valid JSON ({e})") from None
+        raise BadInput(f"{path}{f':{i}' if i else ''}: not valid JSON ({e})") from None
 
 
 def read_prompts(path):
     text = read_text(path, "prompt file")
     if path.endswith(".jsonl"):
-        rows = [json_line(path, i, x) for i, x in enumerate(text.splitlines(), 1) if x.strip()]
+        rows = [json_line(path, i, x) for i, x in enumerate(text.split("\n"), 1) if x.strip()]
         prompts = [r.get("prompt", r.get("caption")) if isinstance(r, dict) else None for r in rows]
     elif path.endswith(".json"):  # a list of prompts, or of {"prompt": ...} (the HPSv2 benchmark's style files)
-        prompts = json_line(path, 1, text)
+        prompts = json_line(path, None, text)
         if not isinstance(prompts, list):
             raise BadInput(f"{path}: a .json prompt file holds a list of prompts")
         prompts = [p.get("prompt") if isinstance(p, dict) else p for p in prompts]
@@ -456,7 +457,7 @@ def read_prompts(path):
             raise BadInput(f"{path}: no 'Prompt', 'prompt' or 'caption' column")
         prompts = [r[col] for r in rows]
     else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [line.strip() for line in text.split("\n") if line.strip()]  # lines end at \n alone, as Python's files
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise BadInput(f"{path}: empty, or a row without a prompt")
     return prompts
@@ -467,7 +468,7 @@ def read_pairs(path, check_images=False):
     check_images, each image's header is read (cheap), so a file that is no image fails at start."""
     from PIL import Image
     root, pairs = os.path.dirname(os.path.abspath(path)), []
-    for i, line in enumerate(read_text(path, "training pairs file").splitlines(), 1):
+    for i, line in enumerate(read_text(path, "training pairs file").split("\n"), 1):
         if line.strip():
             r = json_line(path, i, line)
             if not isinstance(r, dict) or "image" not in r or "caption" not in r:
@@ -581,7 +582,8 @@ def verify_round(d, needed=()):
         if not os.path.isfile(path):
             return f"{path} is missing"
         if name in files and sha256(path) != files[name]:
-            return f"{path} is damaged (its sha256 differs from the one meta.json recorded when it was saved)"
+            shared = " and, a hard link, in the rounds that share it" if os.stat(path).st_nlink > 1 else ""
+            return f"{path} is damaged (its sha256 differs from the one meta.json recorded when it was saved{shared})"
     return ""
 
 

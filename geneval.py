@@ -23,7 +23,7 @@ def read_geneval_specs(path):
     a line that does not parse is one error naming it."""
     names = set(open(GENEVAL_NAMES).read().split("\n"))
     specs = []
-    for i, line in enumerate(read_text(path, "GenEval metadata").splitlines(), 1):
+    for i, line in enumerate(read_text(path, "GenEval metadata").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -13,6 +13,7 @@ import secrets
 import shutil
 
 import torch
+from safetensors import SafetensorError
 
 import common
 from checkpoint import atomic_write
@@ -126,7 +127,7 @@ def open_run(c, rank, world):
     start = saved[-1] if saved and c.resume_from < 0 else c.resume_from
     if c.resume_from >= 0 and start not in saved:
         raise SystemExit(f"resume_from={start}: {c.out_dir} holds no round {start} (its saved rounds: {saved or 'none'})")
-    if start >= 0 and rank == 0:  # read every byte once, on one rank
+    if start >= 0 and c.resume and rank == 0:  # read every byte once, on one rank
         bad = common.verify_round(round_dir(c.out_dir, start), needed_files(c.mode, start))
         if bad:
             before = [k for k in saved if k < start]
@@ -141,10 +142,18 @@ def open_run(c, rank, world):
                              + (f" with other {', '.join(changed)}" if changed else "")
                              + ": choose another out_dir (nothing was overwritten)")
         if rank == 0:
+            print(f"resuming from {round_dir(c.out_dir, start)}" + (" (last saved round)" if c.resume_from < 0 else ""))
+            other = [f"{k} {old[k]!r} -> {v!r}" for k, v in sorted(vars(c).items())
+                     if k in old and old[k] != v and k not in common.DERIVED + ("out_dir", "resume", "resume_from")]
+            if other:  # allowed (a longer run, other evaluation or learning rates), and said
+                print(f"  with settings other than round {start}'s: {', '.join(other)}")
+            if start >= c.rounds:
+                print(f"  round {start} >= rounds ({c.rounds}): nothing left to train (a new run needs another out_dir)")
             for k in (k for k in saved if k > start):
                 aside = round_dir(c.out_dir, k) + ".set_aside"
-                os.rename(round_dir(c.out_dir, k), aside if not os.path.exists(aside) else f"{aside}.{secrets.token_hex(4)}")
-            print(f"resuming from {round_dir(c.out_dir, start)}" + (" (last saved round)" if c.resume_from < 0 else ""))
+                aside = aside if not os.path.exists(aside) else f"{aside}.{secrets.token_hex(4)}"
+                os.rename(round_dir(c.out_dir, k), aside)
+                print(f"  {round_dir(c.out_dir, k)} set aside as {aside}")
             log = os.path.join(c.out_dir, "metrics.jsonl")
             lines = open(log).readlines() if os.path.isfile(log) else []
             kept = [x for x in lines if (r := log_round(x)) is not None and r <= start]
@@ -190,7 +199,9 @@ def save_round(c, rnd, policy, decoder, rollouts_file, metrics):
             sample_grid(c, policy.policy, policy.vq, os.path.join(tmp, "samples.png"))
         known = {os.path.join(last, n): h for n, h in read_meta(last).get("files", {}).items()}  # the linked files'
         commit_round(tmp, {"round": rnd, "run_id": c.run_id, "config": vars(c), "metrics": metrics}, known)
-    except OSError as e:  # a full disk, a permission: the last round stays as it was
+    except (OSError, SafetensorError) as e:  # a full disk, a permission: the last round stays as it was
+        if not os.path.isdir(tmp):  # renamed into place: the round is saved, the failure was after it
+            raise
         shutil.rmtree(tmp, ignore_errors=True)
         size = sum(os.path.getsize(os.path.join(last, n)) for n in os.listdir(last))
         raise SystemExit(f"saving round {rnd} failed ({e}); nothing of it is left, and {last} is intact: resume "

@@ -25,12 +25,14 @@ from figures import paired_table, study_curves, study_table
 
 # -- config --
 study_dir = "out/study"
-arms = "std_rl,ranke,decoder_only"  # also: sft, no_rank_gan, no_bp, no_rec, no_cons, tau_inf, tau_1, tau_0.01
+arms = "std_rl,ranke,decoder_only"  # also: sft, no_rank_gan, no_bp, no_rec, no_cons, tau_inf, tau_1, tau_0.01, released(_right)
 seeds = "1,2,3,4,5"
 ARMS = {  # arm -> the switches that make it (the default run is RankE with tau = 0.1)
     "sft": ["--mode=sft"], "std_rl": ["--mode=policy_only"], "decoder_only": ["--mode=decoder_only"], "ranke": [],
     "no_rank_gan": ["--lambda_gan=0"], "no_bp": ["--lambda_bp=0"], "no_rec": ["--lambda_rec=0"],
-    "no_cons": ["--lambda_cons=0"], "tau_inf": ["--tau=inf"], "tau_1": ["--tau=1.0"], "tau_0.01": ["--tau=0.01"]}
+    "no_cons": ["--lambda_cons=0"], "tau_inf": ["--tau=inf"], "tau_1": ["--tau=1.0"], "tau_0.01": ["--tau=0.01"],
+    # the authors' release at the same budget (30 rounds of 1 + 1 steps), with the world GPT's left padding, and as released
+    "released": ["config/released_shapes.py", "--caption_padding=left"], "released_right": ["config/released_shapes.py"]}
 METRICS = ("reward", "CLIP", "FID", "FD", "FD_CLIP", "GenEval", "code_KL", "code_entropy", "FID_rec", "FD_rec", "rec_L1")
 PAIRED = ("ranke", "std_rl")  # the paired comparison: the first arm minus the second, seed by seed
 

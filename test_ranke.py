@@ -1031,6 +1031,11 @@ def test_l_cons_is_the_kind_it_names_with_lpips_loaded_or_not(one_round):
     for kind, want in (("mse", 0.0), ("lpips", 7.0)):
         c.cons_kind = kind
         assert train_decoder.decoder_terms(s, c, ch, False, 0)[0]["L_cons"].item() == want, kind
+    seen, c.dtype = [], "bfloat16"  # score_fp32 (the release): L_cons's LPIPS outside autocast, on fp32 images
+    s.lpips = lambda x, y: seen.append((x.dtype, torch.is_autocast_enabled("cpu"))) or torch.zeros(len(x))
+    for c.score_fp32 in (True, False):
+        train_decoder.decoder_terms(s, c, ch, False, 0)
+    assert seen == [(torch.bfloat16, True), (torch.float32, False)] + [(torch.bfloat16, True)] * 2  # L_rec's, L_cons's
 
 
 def test_real_images_are_encoded_once_per_run(one_round):
@@ -2202,9 +2207,9 @@ def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_
     before (a stage alone refuses it too), and --resume_from then sets the later round aside (nothing deleted) and redoes it exactly. A
     save that fails (a full disk) leaves no .tmp, the last round intact, and says how much room a round
     takes; the run then resumes from that round."""
-    import errno
     import hashlib
     import checkpoint
+    from safetensors import SafetensorError
     out, args = tmp_path / "run", [world, f"--out_dir={tmp_path / 'run'}", "--sample_every=0"]
     ranke.main([*args, "--rounds=2"])
     r2 = out / "round_0002"
@@ -2236,13 +2241,13 @@ def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_
         assert (r2 / n).read_bytes() == original[n], n
     real_save = checkpoint.save_file
 
-    def full_disk(tensors, path, metadata=None):
+    def full_disk(tensors, path, metadata=None):  # as safetensors says it (not an OSError)
         if "round_0003.tmp" in path and "decoder" in path:
             real_save(tensors, path, metadata=metadata)  # half of it written, then the disk is full
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real_save(tensors, path, metadata=metadata)
     monkeypatch.setattr(checkpoint, "save_file", full_disk)
-    with pytest.raises(SystemExit, match=r"saving round 3 failed \(\[Errno 28\] No space left on device\); nothing of it is "
+    with pytest.raises(SystemExit, match=r"saving round 3 failed \(.*No space left on device \(os error 28\)\); nothing of it is "
                                          r"left, and .*round_0002 is intact: .*its files take 0\.\d+ GB.* GB free"):
         ranke.main([*args, "--rounds=3"])
     leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs + [d] if ".tmp" in f]
@@ -2250,6 +2255,12 @@ def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_
     monkeypatch.setattr(checkpoint, "save_file", real_save)
     ranke.main([*args, "--rounds=3"])
     assert common.saved_rounds(str(out)) == [0, 2, 3]  # keep_last 2
+    po = tmp_path / "policy_only"  # the decoder files are links to round 0's: their sums are carried over
+    ranke.main([world, f"--out_dir={po}", "--sample_every=0", "--rounds=2", "--mode=policy_only"])
+    for k in (1, 2):
+        files, d = json.load(open(po / f"round_000{k}" / "meta.json"))["files"], po / f"round_000{k}"
+        assert os.path.samefile(d / "decoder.safetensors", po / "round_0000" / "decoder.safetensors")
+        assert all(files[n] == hashlib.sha256((d / n).read_bytes()).hexdigest() for n in files) and len(files) == 6
 
 
 def test_unreadable_files_are_one_line_naming_them(world, tmp_path):
@@ -2259,6 +2270,8 @@ def test_unreadable_files_are_one_line_naming_them(world, tmp_path):
     bad.write_bytes(b"a red circle\na bl\xfce square\n")
     with pytest.raises(ValueError, match=r"prompts.txt:2: not UTF-8 text \(byte 0xfc\): save the file as UTF-8"):
         read_prompts(str(bad))
+    bad.write_text("a cat\x85 on a mat\r\n\u2028two mats\n", encoding="utf-8")  # only \n ends a line, as in open()
+    assert read_prompts(str(bad)) == ["a cat\x85 on a mat", "two mats"]  # (each prompt stripped)
     gpt = tmp_path / "gpt.pt"
     data = open(os.path.join(os.path.dirname(world), "gpt.pt"), "rb").read()
     gpt.write_bytes(data[:len(data) // 2])

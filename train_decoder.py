@@ -4,8 +4,8 @@
 
 on a step's rollouts (whole prompt groups, ranked by the rewards they got at rollout time, their codes
 re-decoded by the decoder being trained) and real training images (their ground-truth codes from the
-frozen encoder), in chunks. Then the discriminator's hinge step against the real
-images, and the EMA decoder's update. Only post_quant_conv + decoder train; the encoder and the
+frozen encoder), in chunks; then the EMA decoder's update, then the discriminator's hinge step against
+the real images. Only post_quant_conv + decoder train; the encoder and the
 codebook stay frozen so the policy's codes keep their meaning. Where the authors' released code does
 otherwise (the best rollout of each group only, a discriminator that learns from reconstructions,
 LPIPS consistency, ...), a switch below says so; config/released.py sets them all.
@@ -14,8 +14,8 @@ ranke.py keeps this stage's state (`init`) in memory across rounds and calls `ru
 rollouts file Stage 1 just wrote; the decoder it leaves is handed back to Stage 1 as a file. Alone, on a
 rollouts file, starting from a round folder's decoder:
 
-    python train_decoder.py [RUN_CONFIG] --rollouts=out/ranke/round_0004/rollouts.safetensors \\
-        --init_from=out/ranke/round_0003 --out_dir=out/stage2
+    python train_decoder.py [RUN_CONFIG] --rollouts=out/ranke/round_0010/rollouts.safetensors \\
+        --init_from=out/ranke/round_0009 --out_dir=out/stage2
 
 with the settings at the top of this file (and common.py's), as the loop runs them.
 """
@@ -69,8 +69,9 @@ cons_start_step, cons_end_step = 0, 1000  # cons_start_value (until cons_start_s
 cons_start_value, cons_end_value = 0.0, 1.0  # (from cons_end_step)
 disc_first = False  # the discriminator's step before the decoder's in each step (the release) | after (the paper)
 clamp_policy_images = False  # the policy decodings clamped to [-1, 1] before the discriminator and L_cons (the release)
-selection = "rank_softmax"  # the rollouts Stage 2 trains on, and their weights (Eq. 6): 'rank_softmax' (all,
-#                             w = N softmax(r / tau)) | 'top_k' (the select_k best of each group, w = K softmax(r / T))
+selection = "rank_softmax"  # the rollouts Stage 2 trains on, and their weights (Eq. 6): 'rank_softmax' (every rollout
+#                             of the groups drawn, w = G softmax(r / tau) in each) | 'top_k' (the select_k best of each
+#                             group, w = K softmax(r / T))
 tau = 0.1  # rank_softmax: the temperature; inf = uniform GAN, small = hard best-of-N
 rank_softmax = "group"  # rank_softmax: 'group' (w = G softmax within each prompt's group) | 'batch' (the step's)
 select_k = 1  # top_k: rollouts kept per group (the release: 1, weight 1)

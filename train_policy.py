@@ -11,7 +11,7 @@ stages hand over plain safetensors files (this stage's rollouts, the other stage
 this script runs Stage 1 from a round folder and writes the policy, pi_ref, their optimizer state and
 the rollouts into a new folder (the paper's Std. RL is `python ranke.py --mode=policy_only`):
 
-    python train_policy.py [RUN_CONFIG] --init_from=out/ranke/round_0003 --out_dir=out/stage1 [--policy_steps=N]
+    python train_policy.py [RUN_CONFIG] --init_from=out/ranke/round_0009 --out_dir=out/stage1 [--policy_steps=N]
 
 with the settings at the top of this file (and common.py's), as the loop runs them; give the run's config
 file as the loop was given it.

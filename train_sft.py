@@ -8,7 +8,7 @@ ranke.py --mode=sft runs it round after round with the round files, resume and D
 a RankE run then starts from the SFT run's last round (--init_policy=out/sft/round_0010). Alone, from a
 round folder, as the next round:
 
-    python train_sft.py [RUN_CONFIG] --init_from=out/sft/round_0003 --out_dir=out/sft_stage [--sft_steps=N]
+    python train_sft.py [RUN_CONFIG] --init_from=out/sft/round_0009 --out_dir=out/sft_stage [--sft_steps=N]
 """
 import os
 import sys
@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import (all_reduce_grads, autocast, caption_features, check_finite, encode_once, grad_scaler, load_image,
-                    load_optimizer, mean_stats, peak_memory_gb, read_pairs, reset_peak_memory, rng, save_model,
-                    save_optimizer)
+from common import (all_reduce_grads, autocast, caption_features, check_finite, check_weights, encode_once, grad_scaler,
+                    largest_weight, load_image, load_optimizer, mean_stats, peak_memory_gb, read_pairs, reset_peak_memory,
+                    rng, save_model, save_optimizer)
 from model_vq import load_decoder, load_vq
 
 # -- config: defaults for the shapes world --
@@ -78,6 +78,7 @@ def run(s, c, rnd, rank=0, world=1):
     t0, dev = time.time(), c.device
     reset_peak_memory(dev)
     amp, C, stats = autocast(c), s.policy.config.cls_token_num, []
+    start_weight = largest_weight(s.policy.parameters())
     chunks = range(rank, c.sft_chunks, world)
     bar = range(c.sft_steps)
     if rank == 0:
@@ -102,6 +103,7 @@ def run(s, c, rnd, rank=0, world=1):
         s.scaler.step(s.opt)
         s.scaler.update()
         s.opt.zero_grad(set_to_none=True)
+    check_weights(s.policy.parameters(), "policy", start_weight)
     metrics = mean_stats(stats, world, dev)
     metrics.update(policy_time_s=time.time() - t0, policy_peak_gb=peak_memory_gb(dev))
     return metrics
