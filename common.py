@@ -116,7 +116,9 @@ def check(c, world=1):
             prompt_ids(read_prompts(c.train_prompts), c.gpt_ckpt, c.cls_token_num, c.janus_template)
         except (FileNotFoundError, ValueError) as e:
             return str(e)
-    elif os.path.isdir(c.t5_path):  # every training prompt within the caption slots (T5 would cut a longer one)
+    elif not os.path.isdir(c.t5_path):
+        return f"t5_path not found: {c.t5_path} (a local T5 encoder folder: its config, weights and tokenizer)"
+    else:  # every training prompt within the caption slots (T5 would cut a longer one)
         msg = long_prompt(c.train_prompts, c.t5_path, c.cls_token_num)
         if msg:
             return msg

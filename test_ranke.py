@@ -1518,6 +1518,7 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
              (["--group_size=3"], "decoder_chunks x decoder_batch \\(2 x 4\\) must be a multiple of group_size \\(3\\)"),
              (["--gpt_ckpt=/nowhere/gpt.pt"], "gpt_ckpt not found: /nowhere/gpt.pt"),
              (["--train_prompts=/nowhere/p.txt"], "train_prompts not found"),
+             (["--t5_path=/nowhere/t5"], "t5_path not found: /nowhere/t5"),
              ([world], "never")]
     bad_pairs = tmp_path / "bad.jsonl"
     (tmp_path / "broken.png").write_bytes(b"not a png")
