@@ -53,15 +53,16 @@ aesthetic_scale = 1.0
 reward_resize = "crop"  # images to the reward's square: 'crop' (open_clip's bicubic + centre crop) | 'squash' (release)
 score_fp32 = False  # the rewards (L_BP's too) and L_cons's LPIPS outside autocast, in fp32 (the release); with
 #                     dtype float32, the same either way
+t5_dtype = "float32"  # T5's weights and activations: 'float32' | 'bfloat16' (the release's T5Embedder); cached apart
 caption_padding = "left"  # T5 features 'left'-padded (LlamaGen's training layout) | 'right' (the release's training) |
 #                           'right_zeroed' (every pad zero, the last one too: the release's COCO / HPSv2 samplers)
 group_size = 8  # G rollouts per prompt (Table F.1)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32
 seed = 0
-SWITCHES = {"backbone": ("llamagen", "janus"), "caption_padding": ("left", "right", "right_zeroed"), "reward_resize": ("crop", "squash")}
+SWITCHES = {"backbone": ("llamagen", "janus"), "t5_dtype": ("float32", "bfloat16"), "caption_padding": ("left", "right", "right_zeroed"), "reward_resize": ("crop", "squash")}
 DERIVED = ("block_size", "codebook_size", "cls_token_num", "t5_cache", "run_id", "prompts_sha1", "round")  # not settings
-MODEL_KEYS = ("backbone", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size")  # a round's files and rollouts fit these
+MODEL_KEYS = ("backbone", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size", "t5_dtype")  # a round's files and rollouts fit these
 
 
 def bad_switch(c, switches):
@@ -168,8 +169,13 @@ def make_config(cfg, argv=None, **forced):
     c.block_size = (c.image_size // down) ** 2
     c.codebook_size = vq_cfg.codebook_size
     c.cls_token_num = c.janus_prompt_len if c.backbone == "janus" else gpt_config(c.gpt_model).cls_token_num
-    c.t5_cache = os.path.join(c.out_dir, "t5_cache.safetensors")
+    c.t5_cache = t5_cache(c, c.out_dir)
     return c
+
+
+def t5_cache(c, folder):
+    """The file caching a run's T5 features, by prompt, in `folder` (one for each T5 dtype)."""
+    return os.path.join(folder, "t5_cache.safetensors" if c.t5_dtype == "float32" else f"t5_cache_{c.t5_dtype}.safetensors")
 
 
 def gpt_overrides(c):
@@ -222,7 +228,7 @@ def standalone_config(module, argv=None, uses=()):
     if os.path.exists(c.out_dir) and os.listdir(c.out_dir):
         raise SystemExit(f"{c.out_dir} is not empty: choose another out_dir (nothing was overwritten)")
     c.run_id, c.round = meta["run_id"], meta["round"] + 1
-    c.t5_cache = os.path.join(os.path.dirname(os.path.abspath(init_from)), "t5_cache.safetensors")  # the run's
+    c.t5_cache = t5_cache(c, os.path.dirname(os.path.abspath(init_from)))  # the run's
     return c
 
 
@@ -241,11 +247,19 @@ def saved_round(run, k=-1):
     return round_dir(run, k)
 
 
+def saved_setting(config, k, modules=()):
+    """Key k of a saved round's config; for a round saved before k existed, k's default (common.py's or
+    one of `modules`')."""
+    if k in config:
+        return config[k]
+    return next((getattr(m, k) for m in (sys.modules[__name__], *modules) if hasattr(m, k)), None)
+
+
 def check_round(c, d, script, prompts=False):
     """Round folder d must come from a run of c's models and group size (and, with `prompts`, of its
     training prompts): else one message naming what differs and how to fix it."""
     run = read_meta(d)["config"]
-    differ = [f"{k} {run.get(k)!r}" for k in MODEL_KEYS if run.get(k) != getattr(c, k)]
+    differ = [f"{k} {saved_setting(run, k)!r}" for k in MODEL_KEYS if saved_setting(run, k) != getattr(c, k)]
     if prompts and run.get("prompts_sha1") != c.prompts_sha1:
         differ.append(f"train_prompts {run.get('train_prompts')!r} (other contents than {c.train_prompts!r})")
     if differ:
@@ -510,7 +524,8 @@ def caption_features(prompts, c, max_length):
     if c.backbone == "janus":
         return prompt_ids(prompts, c.gpt_ckpt, max_length, c.janus_template)
     from model_ar import cached_t5_embed
-    return cached_t5_embed(prompts, c.t5_cache, c.t5_path, c.device, torch.float32, max_length, c.caption_padding)
+    return cached_t5_embed(prompts, c.t5_cache, c.t5_path, c.device, getattr(torch, c.t5_dtype), max_length,
+                           c.caption_padding)
 
 
 def save_grid(images, path, nrow):

@@ -420,7 +420,7 @@ def run_config(run_dir, c):
     meta = common.read_meta(round_dir(run_dir, 0))["config"]
     rc = SimpleNamespace(**{**defaults(common), **meta})  # a run from before a key existed has its default
     rc.device = c.device
-    rc.out_dir, rc.t5_cache = run_dir, os.path.join(run_dir, "t5_cache.safetensors")
+    rc.out_dir, rc.t5_cache = run_dir, common.t5_cache(rc, run_dir)
     return rc
 
 

@@ -126,6 +126,8 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("files: a corrupt .pt left unnamed", "checkpoint.py", "except (RuntimeError, EOFError) as e:", "except EOFError as e:"),
     ("reward: score_fp32 ignored", "losses.py", "return in_fp32(score)(images) if self.fp32 else score(images)", "return score(images)"),
     ("reward: score_fp32 not passed", "losses.py", "for n in names], c.score_fp32)", "for n in names])"),
+    ("t5: t5_dtype ignored", "common.py", "c.t5_path, c.device, getattr(torch, c.t5_dtype), max_length,", "c.t5_path, c.device, torch.float32, max_length,"),
+    ("loop: a run from before a setting existed refused", "run_folder.py", "common.saved_setting(old, k, stages)", "old.get(k)"),
     ("rng: chunk ignored in seeds", "common.py", "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints).encode())",
      "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints[:3]).encode())"),
     ("sft: captions never dropped", "train_sft.py", "uncond = torch.rand(c.sft_batch, generator=g) < c.sft_uncond",

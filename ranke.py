@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 
 import common
@@ -128,7 +129,7 @@ def main(argv=None, **forced):
     tracker = run_folder.open_tracker(c, rank)  # wandb, with wandb_log
     if rank == 0 and c.backbone == "llamagen":  # T5 runs once for every prompt of the run; the stages read the cache
         texts = read_prompts(c.train_prompts) + ([t for _, t in common.read_pairs(c.train_pairs)] if c.mode == "sft" else [])
-        fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, max_length=c.cls_token_num)
+        fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, getattr(torch, c.t5_dtype), max_length=c.cls_token_num)
     barrier(world)
     # each stage's models and optimizer states stay in memory from here to the end; the reward is shared
     d = round_dir(c.out_dir, start)

@@ -136,7 +136,8 @@ def open_run(c, rank, world):
                 "as round_NNNN.set_aside, nothing is deleted)" if before else "No round before it: choose another out_dir"))
     if start >= 0:
         old = read_meta(round_dir(c.out_dir, start))["config"]
-        changed = [k for k in COMPATIBLE if old.get(k) != getattr(c, k)]
+        stages = (train_policy, train_decoder, train_sft)  # a key the round predates has its default
+        changed = [k for k in COMPATIBLE if common.saved_setting(old, k, stages) != getattr(c, k)]
         if not c.resume or changed or old.get("prompts_sha1") != c.prompts_sha1:
             raise SystemExit(f"{c.out_dir} already holds a run up to round {start}"
                              + (f" with other {', '.join(changed)}" if changed else "")

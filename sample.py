@@ -99,7 +99,7 @@ def main(argv=None):
     rank, world, c.device = init_dist(c.device)
     d, out = resolve(c)
     check_lengths(c, texts)
-    c.t5_cache = os.path.join(c.run if d else out, "t5_cache.safetensors")  # a run's cache: its prompts are in it
+    c.t5_cache = common.t5_cache(c, c.run if d else out)  # a run's cache: its prompts are in it
     if d:
         policy, vq = common.load_round(c, d, c.decoder)
     else:
@@ -109,7 +109,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     if rank == 0 and c.backbone == "llamagen":  # T5 once for every prompt, into the cache the ranks read
         from model_ar import fill_t5_cache
-        fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, max_length=c.cls_token_num)
+        fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, getattr(torch, c.t5_dtype), max_length=c.cls_token_num)
     common.barrier(world)
     jobs = [(i, j) for i in range(rank, len(texts), world) for j in range(c.n)]  # prompt i's samples on rank i % world
     for b in range(0, len(jobs), c.batch):

@@ -414,6 +414,18 @@ def test_t5_embeddings_are_left_padded_and_cached(tmp_path):
     assert torch.equal(m5, m3) and torch.allclose(e5, e4, atol=1e-5)
     with pytest.raises(FileNotFoundError, match="T5 directory not found"):
         model_ar.load_t5(str(tmp_path / "missing"))
+    # t5_dtype=bfloat16 (the release's T5Embedder): T5 itself in bf16, its features cached in a file of their own
+    features = {}
+    for dtype in ("float32", "bfloat16"):
+        c = SimpleNamespace(backbone="llamagen", t5_dtype=dtype, t5_path=str(tmp_path / "t5"), device="cpu",
+                            caption_padding="left")
+        c.t5_cache = common.t5_cache(c, str(tmp_path))
+        features[dtype] = common.caption_features(prompts, c, 12)[0]
+    tok16, enc16 = model_ar.load_t5(str(tmp_path / "t5"), dtype=torch.bfloat16)
+    assert torch.equal(features["bfloat16"], model_ar.t5_embed(prompts, tok16, enc16, max_length=12)[0].cpu())
+    assert features["bfloat16"].dtype == torch.bfloat16 and torch.allclose(features["float32"], emb, atol=1e-6)
+    assert not torch.allclose(features["bfloat16"].float(), emb, atol=1e-4)
+    assert sorted(os.listdir(tmp_path)) == sorted(["cache.safetensors", "t5", "t5_cache.safetensors", "t5_cache_bfloat16.safetensors"])
 
 
 # ---------------------------------------------------------------- the Janus policy (model_janus.py)
@@ -2254,6 +2266,9 @@ def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_
     leftovers = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs + [d] if ".tmp" in f]
     assert not leftovers and not (out / "round_0003").exists() and common.verify_round(str(r2), run_folder.needed_files("ranke", 2)) == ""
     monkeypatch.setattr(checkpoint, "save_file", real_save)
+    meta = json.load(open(r2 / "meta.json"))
+    del meta["config"]["t5_dtype"]  # a round saved before t5_dtype existed: its default
+    json.dump(meta, open(r2 / "meta.json", "w"))
     ranke.main([*args, "--rounds=3"])
     assert common.saved_rounds(str(out)) == [0, 2, 3]  # keep_last 2
     po = tmp_path / "policy_only"  # the decoder files are links to round 0's: their sums are carried over
