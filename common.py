@@ -48,6 +48,8 @@ clip_quick_gelu = False  # True for OpenAI's weights
 clip_scale = 1.0  # each term's weight in the reward: the release scores 100 cos
 hps_weights = ""
 hps_scale = 1.0
+hps_input = "tensor"  # HPSv2's input: 'tensor' (reward_resize, in torch) | 'pil' (uint8 PIL images and open_clip's PIL
+#                       transform: the release, vqrl_models.py:302-304)
 aesthetic_weights = ""  # sac+logos+ava1-l14-linearMSE.pth
 aesthetic_scale = 1.0
 reward_resize = "crop"  # images to the reward's square: 'crop' (open_clip's bicubic + centre crop) | 'squash' (release)
@@ -60,7 +62,8 @@ group_size = 8  # G rollouts per prompt (Table F.1)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # autocast dtype; master weights fp32
 seed = 0
-SWITCHES = {"backbone": ("llamagen", "janus"), "t5_dtype": ("float32", "bfloat16"), "caption_padding": ("left", "right", "right_zeroed"), "reward_resize": ("crop", "squash")}
+SWITCHES = {"backbone": ("llamagen", "janus"), "t5_dtype": ("float32", "bfloat16"), "hps_input": ("tensor", "pil"),
+            "caption_padding": ("left", "right", "right_zeroed"), "reward_resize": ("crop", "squash")}
 DERIVED = ("block_size", "codebook_size", "cls_token_num", "t5_cache", "run_id", "prompts_sha1", "round")  # not settings
 MODEL_KEYS = ("backbone", "gpt_model", "gpt_layers", "vq_model", "image_size", "group_size", "t5_dtype")  # a round's files and rollouts fit these
 

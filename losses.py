@@ -220,7 +220,8 @@ class Reward:
     tensors, are clamped to [-1, 1] (as evaluation sees them) and preprocessed in torch so the score
     stays differentiable: resize="crop" is open_clip's bicubic resize of the short side and centre crop,
     "squash" the authors' release's bilinear resize of the whole image to the model's square. Then the
-    model's mean / std. Text features of each prompt are computed once. CLIP score as reported = 100 x this."""
+    model's mean / std. resize="pil" (not differentiable: the release's HPSv2 input) makes uint8 PIL images
+    as torchvision's to_pil_image does (x 255, truncated) and runs open_clip's own PIL transform. Text features of each prompt are computed once. CLIP score as reported = 100 x this."""
 
     def __init__(self, name, model_name, weights, device="cpu", differentiable=True, quick_gelu=False, prefix="",
                  resize="crop"):
@@ -228,6 +229,8 @@ class Reward:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{name} reward weights not found: {weights} (give a local open_clip "
                                     f"checkpoint for {model_name}; nothing is downloaded)")
+        if resize == "pil" and differentiable:
+            raise ValueError(f"the {name} reward cannot be differentiable through PIL images (resize='pil')")
         self.name, self.differentiable, self.prefix, self.resize = name, differentiable, prefix, resize
         if model_name.endswith(".json"):  # an architecture of one's own: open_clip's config format
             open_clip.add_model_config(model_name)
@@ -241,9 +244,13 @@ class Reward:
         self.mean = torch.tensor(pp["mean"], device=device)[None, :, None, None]
         self.std = torch.tensor(pp["std"], device=device)[None, :, None, None]
         self.device, self.text_cache = device, {}
+        self.transform = open_clip.image_transform(self.size, False, pp["mean"], pp["std"]) if resize == "pil" else None
 
     def preprocess(self, x):
         x = (x.float().clamp(-1, 1) + 1) / 2
+        if self.resize == "pil":
+            from torchvision.transforms.functional import to_pil_image
+            return torch.stack([self.transform(to_pil_image(img)) for img in x.cpu()]).to(self.device)
         H, W = x.shape[-2:]
         if self.resize == "squash" and (H, W) != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
@@ -339,7 +346,8 @@ def run_reward(c):
     if "clip" in names or "aesthetic" in names:
         clip = Reward("clip", c.clip_model, c.clip_weights, c.device, True, c.clip_quick_gelu, resize=c.reward_resize)
     terms = {"clip": lambda: clip,
-             "hpsv2": lambda: Reward("hpsv2", "ViT-H-14", c.hps_weights, c.device, False, resize=c.reward_resize),
+             "hpsv2": lambda: Reward("hpsv2", "ViT-H-14", c.hps_weights, c.device, False,
+                                     resize="pil" if c.hps_input == "pil" else c.reward_resize),
              "aesthetic": lambda: Aesthetic(clip, c.aesthetic_weights)}
     scales = {"clip": c.clip_scale, "hpsv2": c.hps_scale, "aesthetic": c.aesthetic_scale}
     return RewardSum([(scales[n], terms[n]()) for n in names], c.score_fp32)

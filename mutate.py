@@ -128,6 +128,8 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("reward: score_fp32 not passed", "losses.py", "for n in names], c.score_fp32)", "for n in names])"),
     ("t5: t5_dtype ignored", "common.py", "c.t5_path, c.device, getattr(torch, c.t5_dtype), max_length,", "c.t5_path, c.device, torch.float32, max_length,"),
     ("loop: a run from before a setting existed refused", "run_folder.py", "common.saved_setting(old, k, stages)", "old.get(k)"),
+    ("reward: hps_input ignored", "losses.py", 'resize="pil" if c.hps_input == "pil" else c.reward_resize', "resize=c.reward_resize"),
+    ("reward: PIL input rounded, not truncated", "losses.py", "for img in x.cpu()]).to(self.device)", "for img in (x.cpu() * 255).round() / 255]).to(self.device)"),
     ("rng: chunk ignored in seeds", "common.py", "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints).encode())",
      "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints[:3]).encode())"),
     ("sft: captions never dropped", "train_sft.py", "uncond = torch.rand(c.sft_batch, generator=g) < c.sft_uncond",

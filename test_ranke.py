@@ -779,9 +779,22 @@ def test_squashed_clip_reward_sees_clamped_images(tmp_path):
     mean, std = torch.tensor(open_clip.OPENAI_DATASET_MEAN), torch.tensor(open_clip.OPENAI_DATASET_STD)
     fi = torch.nn.functional.normalize(r.model.encode_image((x - mean[:, None, None]) / std[:, None, None]), dim=-1)
     assert torch.allclose(r.image_features(images), fi, atol=1e-5)
+    # resize="pil" (the release's HPSv2 input), by hand with PIL: x 255 truncated to uint8 (torchvision's
+    # to_pil_image), the short side to 32 by PIL's bicubic (48 x 64 -> 32 x 42), the centre 32 x 32, then / 255
+    pil = losses.Reward("hpsv2", "tiny-clip", tiny_clip(tmp_path), differentiable=False, resize="pil")
+    rows = []
+    for img in (images.clamp(-1, 1) + 1) / 2:
+        p = Image.fromarray(img.mul(255).byte().permute(1, 2, 0).numpy()).resize((42, 32), Image.BICUBIC).crop((5, 0, 37, 32))
+        rows.append(torch.from_numpy(np.asarray(p)).permute(2, 0, 1).float() / 255)
+    x = (torch.stack(rows) - mean[:, None, None]) / std[:, None, None]
+    want = torch.nn.functional.normalize(pil.model.encode_image(x), dim=-1)
+    assert torch.allclose(pil.image_features(images), want, atol=1e-5)
+    assert not torch.allclose(pil.image_features(images), fi, atol=1e-3)
+    with pytest.raises(ValueError, match="cannot be differentiable through PIL"):
+        losses.Reward("clip", "tiny-clip", tiny_clip(tmp_path), resize="pil")
 
 
-def test_score_fp32_scores_outside_autocast_as_the_release(world, tmp_path):
+def test_score_fp32_scores_outside_autocast_as_the_release(world, tmp_path, monkeypatch):
     """score_fp32 (the release): under a bf16 autocast the reward is the fp32 one, bit for bit, with its
     gradient; without it the reward runs in bf16 and differs. L_cons's LPIPS gets fp32 inputs."""
     r = losses.Reward("clip", "tiny-clip", tiny_clip(tmp_path))
@@ -799,6 +812,12 @@ def test_score_fp32_scores_outside_autocast_as_the_release(world, tmp_path):
             images.bfloat16(), images.bfloat16())
     assert seen == [(torch.float32, torch.float32, False)]
     assert [run_reward(ranke.config([world, f"--score_fp32={v}"])).fp32 for v in (True, False)] == [True, False]
+    made = []  # hps_input reaches HPSv2's Reward (ViT-H-14 itself is not built here)
+    monkeypatch.setattr(losses, "Reward", lambda name, *a, **k: made.append((name, k["resize"])) or SimpleNamespace(
+        name=name, differentiable=False))
+    for v in ("pil", "tensor"):
+        run_reward(ranke.config([world, "--reward=hpsv2", f"--hps_input={v}", "--reward_resize=squash"]))
+    assert made == [("hpsv2", "pil"), ("hpsv2", "squash")]
 
 
 def test_reward_sum_with_the_laion_aesthetic_head(tmp_path):
@@ -809,7 +828,7 @@ def test_reward_sum_with_the_laion_aesthetic_head(tmp_path):
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "aes.pth")
     c = argparse.Namespace(reward="clip+aesthetic", clip_model="tiny-clip", clip_weights=clip_file, clip_quick_gelu=False,
                            device="cpu", reward_resize="crop", clip_scale=100.0, aesthetic_weights=str(tmp_path / "aes.pth"),
-                           aesthetic_scale=2.0, hps_weights="", hps_scale=1.0, score_fp32=False)
+                           aesthetic_scale=2.0, hps_weights="", hps_scale=1.0, score_fp32=False, hps_input="tensor")
     r = losses.run_reward(c)
     images, prompts = torch.rand(2, 3, 32, 32) * 2 - 1, ["a red circle", "two blue squares"]
     clip = r.terms[0][1]
