@@ -6,7 +6,8 @@
 One process keeps each stage's models and optimizer states in memory from round to round; the stages
 hand over plain safetensors files in out_dir/handover (Stage 1's rollouts, Stage 2's decoder), written
 atomically. The full state is saved as out_dir/round_NNNN every `save_every` rounds and at the end;
-a run resumes from its last saved round, exactly (every draw is seeded by seed, round, step, chunk).
+a run resumes from its last saved round, exactly (every draw is seeded by seed, round, step, chunk;
+with decoder_sync = 'per_rank' every rank restarts from rank 0's decoder).
 The run's folder (round files, resume, retention, its log) is run_folder.py's.
 
     torchrun --nproc_per_node=8 ranke.py config/llamagen_xl_clip.py
@@ -43,7 +44,7 @@ sample_prompts = 8  # the first N training prompts, fixed seed
 resume = True  # continue from the last saved round in out_dir
 resume_from = -1  # ... or from this saved round (-1: the last); the rounds after it are set aside, not deleted
 keep_last = 2  # saved rounds kept on disk (a GPT-XL round with optimizer states is ~13 GB) ...
-keep_every = 10  # ... besides round 0 and every keep_every-th, for evaluation
+keep_every = 10  # ... besides round 0 and every keep_every-th (an evaluation's figures stay in metrics.jsonl)
 eval_every = 5  # eval.py's metrics on round 0, every eval_every rounds and the last; 0 = off
 wandb_log = False  # every round's metrics and pictures to Weights & Biases too (pip install wandb; WANDB_MODE=offline)
 wandb_project = "ranke"

@@ -27,7 +27,7 @@ from model_vq import load_vq, save_decoder
 
 ROUND_FILES = ["policy.safetensors", "policy_ref.safetensors", "opt_policy.safetensors", "decoder.safetensors",
                "decoder_ema.safetensors", "disc.safetensors", "opt_decoder.safetensors", "opt_disc.safetensors"]
-# what a resumed run must share with the run in out_dir (the world size is free: it changes no result, but
+# what a resumed run must share with the run in out_dir (the world size is free: it changes no result, except
 # with decoder_sync = 'per_rank', where each rank's decoder is its own)
 COMPATIBLE = common.MODEL_KEYS + ("init_policy", "seed", "mode", "policy_steps", "decoder_steps", "prompts_per_step",
                                   "prompts_per_chunk", "decoder_chunks", "decoder_batch", "real_batch", "real_images",
