@@ -221,7 +221,8 @@ class Reward:
     stays differentiable: resize="crop" is open_clip's bicubic resize of the short side and centre crop,
     "squash" the authors' release's bilinear resize of the whole image to the model's square. Then the
     model's mean / std. resize="pil" (not differentiable: the release's HPSv2 input) makes uint8 PIL images
-    as torchvision's to_pil_image does (x 255, truncated) and runs open_clip's own PIL transform. Text features of each prompt are computed once. CLIP score as reported = 100 x this."""
+    as torchvision's to_pil_image does (x 255, truncated) and runs open_clip's own PIL transform. Text
+    features of each prompt are computed once. CLIP score as reported = 100 x this."""
 
     def __init__(self, name, model_name, weights, device="cpu", differentiable=True, quick_gelu=False, prefix="",
                  resize="crop"):

@@ -130,6 +130,7 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("loop: a run from before a setting existed refused", "run_folder.py", "common.saved_setting(old, k, stages)", "old.get(k)"),
     ("reward: hps_input ignored", "losses.py", 'resize="pil" if c.hps_input == "pil" else c.reward_resize', "resize=c.reward_resize"),
     ("reward: PIL input rounded, not truncated", "losses.py", "for img in x.cpu()]).to(self.device)", "for img in (x.cpu() * 255).round() / 255]).to(self.device)"),
+    ("loop: a resume's settings compared without JSON's lists", "run_folder.py", "old[k] != json.loads(json.dumps(v))]", "old[k] != v]"),
     ("rng: chunk ignored in seeds", "common.py", "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints).encode())",
      "return torch.Generator().manual_seed(int(hashlib.sha1(repr(ints[:3]).encode())"),
     ("sft: captions never dropped", "train_sft.py", "uncond = torch.rand(c.sft_batch, generator=g) < c.sft_uncond",

@@ -49,7 +49,8 @@ eval_every = 5  # eval.py's metrics on round 0, every eval_every rounds and the 
 wandb_log = False  # every round's metrics and pictures to Weights & Biases too (pip install wandb; WANDB_MODE=offline)
 wandb_project = "ranke"
 wandb_run_name = ""  # "" = out_dir's name
-RANGES = {"rounds": common.NON_NEGATIVE, "resume_from": (lambda v: v >= -1, ">= -1 (-1: the last saved round)"), "save_every": (lambda v: v >= 1, ">= 1 (rounds between full saves)"),
+RANGES = {"rounds": common.NON_NEGATIVE, "resume_from": (lambda v: v >= -1, ">= -1 (-1: the last saved round)"),
+          "save_every": (lambda v: v >= 1, ">= 1 (rounds between full saves)"),
           "sample_every": common.NON_NEGATIVE, "sample_prompts": common.AT_LEAST_1, "keep_last": common.AT_LEAST_1,
           "keep_every": common.AT_LEAST_1, "eval_every": common.NON_NEGATIVE}
 

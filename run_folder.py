@@ -144,8 +144,9 @@ def open_run(c, rank, world):
                              + ": choose another out_dir (nothing was overwritten)")
         if rank == 0:
             print(f"resuming from {round_dir(c.out_dir, start)}" + (" (last saved round)" if c.resume_from < 0 else ""))
+            same = common.DERIVED + ("out_dir", "resume", "resume_from")  # compared as JSON saved them (tuples as lists)
             other = [f"{k} {old[k]!r} -> {v!r}" for k, v in sorted(vars(c).items())
-                     if k in old and old[k] != v and k not in common.DERIVED + ("out_dir", "resume", "resume_from")]
+                     if k in old and k not in same and old[k] != json.loads(json.dumps(v))]
             if other:  # allowed (a longer run, other evaluation or learning rates), and said
                 print(f"  with settings other than round {start}'s: {', '.join(other)}")
             if start >= c.rounds:

@@ -2233,7 +2233,7 @@ def test_one_run_at_a_time_and_a_resumed_log_keeps_each_round_once(world, tmp_pa
     assert [json.loads(x)["round"] for x in open(out / "metrics.jsonl")] == [1, 2]
 
 
-def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_path, monkeypatch):
+def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_path, monkeypatch, capsys):
     """Each saved file's sha256 is in meta.json (checked here with hashlib); resuming from a round with a
     damaged or missing file, or an unreadable meta.json, is refused naming it and offering the round
     before (a stage alone refuses it too), and --resume_from then sets the later round aside (nothing deleted) and redoes it exactly. A
@@ -2267,7 +2267,10 @@ def test_a_round_is_whole_or_refused_and_a_failed_save_loses_nothing(world, tmp_
     with pytest.raises(SystemExit, match=r"cannot read .*round_0002/meta.json .*a damaged round folder"):
         ranke.main([*args, "--rounds=3"])
     assert common.saved_rounds(str(out)) == [0, 1, 2] and not (out / "round_0003").exists()
-    ranke.main([*args, "--rounds=2", "--resume_from=1"])  # redo round 2; the damaged one stays, set aside
+    capsys.readouterr()
+    ranke.main([*args, "--rounds=2", "--resume_from=1", "--sample_prompts=3"])  # redo round 2; the damaged one stays, set aside
+    said = capsys.readouterr().out  # the one setting that differs, no other (tuples compared as JSON saved them)
+    assert "  with settings other than round 1's: sample_prompts 4 -> 3\n" in said and "round_0002.set_aside" in said
     assert (out / "round_0002.set_aside" / "policy.safetensors").read_bytes() == original["policy.safetensors"]
     for n in ("policy.safetensors", "decoder.safetensors", "disc.safetensors", "opt_disc.safetensors"):
         assert (r2 / n).read_bytes() == original[n], n
