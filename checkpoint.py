@@ -6,6 +6,7 @@ beyond tensors (torch.load(weights_only=True)); every write goes to a temporary 
 into place, so a crash never leaves a half-written file behind.
 """
 import argparse
+import hashlib
 import json
 import os
 import pickle
@@ -95,6 +96,11 @@ def load_exact(model, state_dict, what):
     check_keys(model.state_dict(), state_dict, what)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def file_digest(path, algo="sha256"):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algo).hexdigest()
 
 
 def fsync(path):

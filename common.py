@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-from checkpoint import BadInput, atomic_save, fsync, read_state_dict
+from checkpoint import BadInput, atomic_save, file_digest, fsync, read_state_dict
 from configurator import configure, defaults
 from model_ar import gpt_config, load_gpt
 from model_janus import TEMPLATE, janus_config, load_janus, prompt_ids
@@ -151,11 +151,6 @@ def long_prompt(path, t5_path, slots):
     return ""
 
 
-def file_sha1(path):
-    with open(path, "rb") as f:
-        return hashlib.sha1(f.read()).hexdigest()
-
-
 def make_config(cfg, argv=None, **forced):
     """The run's config from `cfg` (the defaults of the scripts that take part), a config file and
     --key=value overrides (argv, default sys.argv), then `forced`; plus what follows from the models."""
@@ -226,7 +221,7 @@ def standalone_config(module, argv=None, uses=()):
     msg = check(c) or module.check(c)
     if msg:
         raise SystemExit(msg)
-    c.prompts_sha1 = file_sha1(c.train_prompts)
+    c.prompts_sha1 = file_digest(c.train_prompts, "sha1")
     check_round(c, init_from, os.path.basename(module.__file__), prompts=True)
     if os.path.exists(c.out_dir) and os.listdir(c.out_dir):
         raise SystemExit(f"{c.out_dir} is not empty: choose another out_dir (nothing was overwritten)")
@@ -451,21 +446,21 @@ def read_text(path, what="file"):
         raise BadInput(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x}): save the file as UTF-8") from None
 
 
-def json_line(path, i, line):
-    """Line i of a file (None: the whole file) parsed as JSON, or one error naming where."""
+def parse_json(path, text, line=None):
+    """JSON text from `path` (its line `line`, or the whole file), or one error naming where."""
     try:
-        return json.loads(line)
+        return json.loads(text)
     except ValueError as e:
-        raise BadInput(f"{path}{f':{i}' if i else ''}: not valid JSON ({e})") from None
+        raise BadInput(f"{path}{f':{line}' if line else ''}: not valid JSON ({e})") from None
 
 
 def read_prompts(path):
     text = read_text(path, "prompt file")
     if path.endswith(".jsonl"):
-        rows = [json_line(path, i, x) for i, x in enumerate(text.split("\n"), 1) if x.strip()]
+        rows = [parse_json(path, x, i) for i, x in enumerate(text.split("\n"), 1) if x.strip()]
         prompts = [r.get("prompt", r.get("caption")) if isinstance(r, dict) else None for r in rows]
     elif path.endswith(".json"):  # a list of prompts, or of {"prompt": ...} (the HPSv2 benchmark's style files)
-        prompts = json_line(path, None, text)
+        prompts = parse_json(path, text)
         if not isinstance(prompts, list):
             raise BadInput(f"{path}: a .json prompt file holds a list of prompts")
         prompts = [p.get("prompt") if isinstance(p, dict) else p for p in prompts]
@@ -489,7 +484,7 @@ def read_pairs(path, check_images=False):
     root, pairs = os.path.dirname(os.path.abspath(path)), []
     for i, line in enumerate(read_text(path, "training pairs file").split("\n"), 1):
         if line.strip():
-            r = json_line(path, i, line)
+            r = parse_json(path, line, i)
             if not isinstance(r, dict) or "image" not in r or "caption" not in r:
                 raise BadInput(f"{path}:{i}: each line needs 'image' and 'caption'")
             img = os.path.join(root, r["image"])
@@ -519,6 +514,12 @@ def load_image(path, size):
     img = img.crop((left, top, left + size, top + size))
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3)
     return x.permute(2, 0, 1).float() / 127.5 - 1
+
+
+def fill_caption_cache(c, texts):
+    """T5 once for every prompt the run will read (LlamaGen), into c.t5_cache; the ranks then read it."""
+    from model_ar import fill_t5_cache
+    fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, getattr(torch, c.t5_dtype), max_length=c.cls_token_num)
 
 
 def caption_features(prompts, c, max_length):
@@ -552,14 +553,6 @@ def round_dir(out_dir, k):
     return os.path.join(out_dir, f"round_{k:04d}")
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
-
-
 def commit_round(tmp, meta, known=None):
     """Folder tmp (round_NNNN.tmp) made a round: the sha256 of each of its files into meta.json (from
     `known`, {path: sha256} of files it links to, where it can), every file flushed to the disk, then the
@@ -568,7 +561,7 @@ def commit_round(tmp, meta, known=None):
     for name in sorted(os.listdir(tmp)):
         path = os.path.join(tmp, name)
         twin = next((p for p in known if os.path.exists(p) and os.path.samefile(p, path)), None)
-        files[name] = known[twin] if twin else sha256(path)
+        files[name] = known[twin] if twin else file_digest(path)
         fsync(path)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({**meta, "files": files}, f, indent=1)
@@ -601,7 +594,7 @@ def verify_round(d, needed=()):
         path = os.path.join(d, name)
         if not os.path.isfile(path):
             return f"{path} is missing"
-        if name in files and sha256(path) != files[name]:
+        if name in files and file_digest(path) != files[name]:
             shared = " and, a hard link, in the rounds that share it" if os.stat(path).st_nlink > 1 else ""
             return f"{path} is damaged (its sha256 differs from the one meta.json recorded when it was saved{shared})"
     return ""

@@ -346,7 +346,7 @@ def evaluate_round(c, rc, d, rank=0, world=1):
         specs = read_geneval_specs(c.eval_specs)
         geneval = GenEval(c.geneval_detector, c.geneval_clip_weights, rc.device, c.geneval_clip_model, c.geneval_clip_quick_gelu)
     elif c.eval_specs:
-        specs = common.json_line(c.eval_specs, None, common.read_text(c.eval_specs, "eval_specs"))
+        specs = common.parse_json(c.eval_specs, common.read_text(c.eval_specs, "eval_specs"))
     codes, ids, paths = read_generated(out)
     texts = [prompts[i] for i in ids]
     ref = real_reference(c, rc, net, clip, base_vq) if c.eval_pairs else None  # GenEval alone needs no real images

@@ -45,7 +45,7 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("adaptive weight: inverted", "losses.py", "return (g_nll.norm() / (g_adv.norm() + 1e-4))", "return (g_adv.norm() / (g_nll.norm() + 1e-4))"),
     ("reward: no clamp", "losses.py", "x = (x.float().clamp(-1, 1) + 1) / 2", "x = (x.float() + 1) / 2"),
     ("reward: crop off by one", "losses.py", "x = x[..., top:top + self.size, left:left + self.size]", "x = x[..., top + 1:top + 1 + self.size, left:left + self.size]"),
-    ("reward: scale ignored", "losses.py", "return sum(scale * r(images, prompts) for", "return sum(r(images, prompts) for"),
+    ("reward: scale ignored", "losses.py", "sum(scale * r(x, prompts) for", "sum(r(x, prompts) for"),
     # the policy (model_ar.py)
     ("cfg: halves swapped", "model_ar.py", "return u + cfg_scale * (c - u)", "return c + cfg_scale * (u - c)"),
     ("cfg: unconditional half detached", "model_ar.py", "return u + cfg_scale * (c - u)",
@@ -111,7 +111,7 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("loop: decoder hand-over skipped", "ranke.py", "train_policy.set_decoder(policy, decoder_file)", "pass"),
     ("loop: a held out_dir not refused", "run_folder.py", "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", "pass"),
     ("loop: a resumed log keeps a killed run's rounds", "run_folder.py", "if (r := log_round(x)) is not None and r <= start]", "]"),
-    ("loop: a damaged round resumed", "common.py", "if name in files and sha256(path) != files[name]:", "if False:"),
+    ("loop: a damaged round resumed", "common.py", "if name in files and file_digest(path) != files[name]:", "if False:"),
     ("loop: a stage alone starts from a damaged round", "common.py", "bad = verify_round(init_from)", 'bad = ""'),
     ("loop: the last round's sums taken by name", "common.py", "if os.path.exists(p) and os.path.samefile(p, path)), None)",
      "if os.path.basename(p) == name), None)"),

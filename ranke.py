@@ -17,7 +17,6 @@ import os
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 import common
@@ -29,7 +28,6 @@ import train_sft
 from common import barrier, init_dist, read_prompts, round_dir
 from configurator import defaults
 from losses import run_reward
-from model_ar import fill_t5_cache
 from model_vq import save_decoder
 
 # -- config: the loop's own keys. Each stage's keys stand at the top of train_policy.py,
@@ -84,7 +82,7 @@ def validate(c, rank, world):
             msg = "wandb_log=True needs the wandb package: pip install wandb (or set wandb_log=False)"
     if msg:
         raise SystemExit(msg if rank == 0 else 1)
-    c.prompts_sha1 = common.file_sha1(c.train_prompts)  # rollouts name their prompts by index
+    c.prompts_sha1 = common.file_digest(c.train_prompts, "sha1")  # rollouts name their prompts by index
 
 
 def prepare_world(c, rank, world):
@@ -131,7 +129,7 @@ def main(argv=None, **forced):
     tracker = run_folder.open_tracker(c, rank)  # wandb, with wandb_log
     if rank == 0 and c.backbone == "llamagen":  # T5 runs once for every prompt of the run; the stages read the cache
         texts = read_prompts(c.train_prompts) + ([t for _, t in common.read_pairs(c.train_pairs)] if c.mode == "sft" else [])
-        fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, getattr(torch, c.t5_dtype), max_length=c.cls_token_num)
+        common.fill_caption_cache(c, texts)
     barrier(world)
     # each stage's models and optimizer states stay in memory from here to the end; the reward is shared
     d = round_dir(c.out_dir, start)

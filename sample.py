@@ -108,8 +108,7 @@ def main(argv=None):
     vq.eval()
     os.makedirs(out, exist_ok=True)
     if rank == 0 and c.backbone == "llamagen":  # T5 once for every prompt, into the cache the ranks read
-        from model_ar import fill_t5_cache
-        fill_t5_cache(texts, c.t5_cache, c.t5_path, c.device, getattr(torch, c.t5_dtype), max_length=c.cls_token_num)
+        common.fill_caption_cache(c, texts)
     common.barrier(world)
     jobs = [(i, j) for i in range(rank, len(texts), world) for j in range(c.n)]  # prompt i's samples on rank i % world
     for b in range(0, len(jobs), c.batch):

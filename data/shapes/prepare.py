@@ -19,7 +19,6 @@ the real file comes in:
   janus/         with --backbone=janus: a tiny Janus-Pro as a transformers folder (JanusForConditionalGeneration),
                  its image-generation path trained like gpt.pt, its VQ the world's vq.pt (trained here, not shipped)
 """
-import hashlib
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import world  # noqa: E402
-from checkpoint import atomic_save, atomic_write, read_state_dict  # noqa: E402
+from checkpoint import atomic_save, atomic_write, file_digest, read_state_dict  # noqa: E402
 from model_ar import GPT, cached_t5_embed, gpt_config  # noqa: E402
 from model_janus import export_janus, load_janus, prompt_ids  # noqa: E402
 from model_vq import VQ_CONFIGS, VQModel, load_vq  # noqa: E402
@@ -309,14 +308,6 @@ def prepare_janus(out, steps, seed, renders):
 # ---------------------------------------------------------------- the shipped base models
 
 
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def train_base(base=BASE, steps=None, seed=0, only=None):
     """Train the base models (all, or those named in `only`; the others are read from base/) and write
     them with MANIFEST.json: each file's sha256, the steps, final losses and seconds."""
@@ -356,7 +347,7 @@ def train_base(base=BASE, steps=None, seed=0, only=None):
         timed("clip", lambda: saved("clip", lambda: train_clip(base, train, steps["clip"], rng(3))))
     if "features" in todo:
         timed("features", lambda: saved("features", lambda: train_features(train, steps["features"], rng(4))))
-    manifest = {"files": {f: sha256(os.path.join(base, f)) for f in SHIPPED if os.path.isfile(os.path.join(base, f))},
+    manifest = {"files": {f: file_digest(os.path.join(base, f)) for f in SHIPPED if os.path.isfile(os.path.join(base, f))},
                 "training": log,
                 "torch": torch.__version__}
     atomic_write(manifest_path, json.dumps(manifest, indent=1) + "\n")
@@ -371,10 +362,10 @@ def check_base(base=BASE):
     files = json.load(open(path))["files"]
     for name, digest in files.items():
         f = os.path.join(base, name)
-        if not os.path.isfile(f) or sha256(f) != digest:
+        if not os.path.isfile(f) or file_digest(f) != digest:
             raise SystemExit(f"{f} is missing or differs from its sha256 in {path}: restore it from the "
                              f"repository (git checkout -- {os.path.relpath(f)}) or retrain with --train")
-    return sha256(path)
+    return file_digest(path)
 
 
 def write_world(out="out/shapes", base=BASE, seed=0):
