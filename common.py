@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from checkpoint import BadInput, atomic_save, file_digest, fsync, read_state_dict
 from configurator import configure, defaults
-from model_ar import gpt_config, load_gpt
+from model_ar import clean_caption, gpt_config, load_gpt
 from model_janus import TEMPLATE, janus_config, load_janus, prompt_ids
 from model_vq import VQ_CONFIGS, load_decoder, load_vq
 
@@ -50,6 +50,7 @@ hps_weights = ""
 hps_scale = 1.0
 hps_input = "tensor"  # HPSv2's input: 'tensor' (reward_resize, in torch) | 'pil' (uint8 PIL images and open_clip's PIL
 #                       transform: the release, vqrl_models.py:302-304)
+hps_fp16 = False  # HPSv2's forward and its cosine under fp16 autocast (the release: torch.cuda.amp.autocast(), vqrl_models.py:307)
 aesthetic_weights = ""  # sac+logos+ava1-l14-linearMSE.pth
 aesthetic_scale = 1.0
 reward_resize = "crop"  # images to the reward's square: 'crop' (open_clip's bicubic + centre crop) | 'squash' (release)
@@ -144,7 +145,7 @@ def long_prompt(path, t5_path, slots):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(t5_path, local_files_only=True)
     prompts = read_prompts(path)
-    for i, ids in enumerate(tokenizer([p.lower().strip() for p in prompts]).input_ids):
+    for i, ids in enumerate(tokenizer([clean_caption(p) for p in prompts]).input_ids):
         if len(ids) > slots:
             return (f"{path}: prompt {i + 1} ({prompts[i][:60]!r}...) is {len(ids)} T5 tokens, more than the policy's "
                     f"{slots} caption slots, and T5 would cut it: shorten it or leave it out")

@@ -222,17 +222,18 @@ class Reward:
     "squash" the authors' release's bilinear resize of the whole image to the model's square. Then the
     model's mean / std. resize="pil" (not differentiable: the release's HPSv2 input) makes uint8 PIL images
     as torchvision's to_pil_image does (x 255, truncated) and runs open_clip's own PIL transform. Text
-    features of each prompt are computed once. CLIP score as reported = 100 x this."""
+    features of each prompt are computed once. CLIP score as reported = 100 x this. fp16: the forward and
+    the cosine under fp16 autocast, the score left in fp16 (the release's HPSv2)."""
 
     def __init__(self, name, model_name, weights, device="cpu", differentiable=True, quick_gelu=False, prefix="",
-                 resize="crop"):
+                 resize="crop", fp16=False):
         import open_clip
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"{name} reward weights not found: {weights} (give a local open_clip "
                                     f"checkpoint for {model_name}; nothing is downloaded)")
         if resize == "pil" and differentiable:
             raise ValueError(f"the {name} reward cannot be differentiable through PIL images (resize='pil')")
-        self.name, self.differentiable, self.prefix, self.resize = name, differentiable, prefix, resize
+        self.name, self.differentiable, self.prefix, self.resize, self.fp16 = name, differentiable, prefix, resize, fp16
         if model_name.endswith(".json"):  # an architecture of one's own: open_clip's config format
             open_clip.add_model_config(model_name)
             model_name = os.path.basename(model_name)[:-len(".json")]
@@ -277,6 +278,9 @@ class Reward:
             return F.normalize(self.model.encode_image(self.preprocess(images)).float(), dim=-1)
 
     def __call__(self, images, prompts):
+        if self.fp16:  # each cosine a 1 x 1 product: autocast runs it in fp16, as the release's logits' diagonal
+            with torch.autocast(torch.device(self.device).type, dtype=torch.float16):
+                return (self.image_features(images)[:, None] @ self.text_features(prompts)[..., None]).flatten()
         return (self.image_features(images) * self.text_features(prompts)).sum(-1)
 
 
@@ -348,7 +352,7 @@ def run_reward(c):
         clip = Reward("clip", c.clip_model, c.clip_weights, c.device, True, c.clip_quick_gelu, resize=c.reward_resize)
     terms = {"clip": lambda: clip,
              "hpsv2": lambda: Reward("hpsv2", "ViT-H-14", c.hps_weights, c.device, False,
-                                     resize="pil" if c.hps_input == "pil" else c.reward_resize),
+                                     resize="pil" if c.hps_input == "pil" else c.reward_resize, fp16=c.hps_fp16),
              "aesthetic": lambda: Aesthetic(clip, c.aesthetic_weights)}
     scales = {"clip": c.clip_scale, "hpsv2": c.hps_scale, "aesthetic": c.aesthetic_scale}
     return RewardSum([(scales[n], terms[n]()) for n in names], c.score_fp32)

@@ -12,6 +12,7 @@ token is predicted from the last caption slot.
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -391,6 +392,73 @@ def load_gpt(path, config="GPT-XL", **overrides):
 
 # -- the caption encoder (FLAN-T5-XL for LlamaGen) --
 
+# LlamaGen's T5Embedder (from PixArt / DeepFloyd IF) cleans every caption twice before T5, in training and in
+# sampling, so its checkpoints read cleaned text: the rules below in its order. Its ftfy and BeautifulSoup
+# steps are done with the standard library (ftfy's mojibake repair is left out); the test checks the whole
+# on COCO-30K, PartiPrompts and GenEval against the original run outside this project.
+_CJK = "\u31c0-\u31ef\u31f0-\u31ff\u3200-\u32ff\u3300-\u33ff\u3400-\u4dbf\u4dc0-\u4dff\u4e00-\u9fff"
+_DASHES = "\u002d\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17\u2e1a\u2e3a\u2e3b\u2e40\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d"
+_URL = r"[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)))"
+_EXT = "(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)"
+_BEFORE_HTML = [(r"<person>", "person"), (r"\b((?:https?:(?:\/{1,3}|" + _URL, ""),
+                (r"\b((?:www:(?:\/{1,3}|" + _URL, "")]
+_BEFORE_FTFY = [(r"@[\w\d]+\b", ""), (f"[{_CJK}]+", ""), (f"[{_DASHES}]+", "-"),
+                ("[`\u00b4\u00ab\u00bb\u201c\u201d\u00a8]", '"'), ("[\u2018\u2019]", "'"),
+                (r"&quot;?", ""), (r"&amp", ""), (r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " "),  # entities, IPs
+                (r"\d:\d\d\s+$", ""), (r"\\n", " "), (r"#\d{1,3}\b", ""), (r"#\d{5,}\b", ""), (r"\b\d{6,}\b", ""),
+                (r"[\S]+\." + _EXT, ""), (r"[\"\']{2,}", '"'), (r"[\.]{2,}", " "),  # file names, runs of quotes, dots
+                (r"[#\u00ae\u2022\u00a9\u2122&@\u00b7\u00ba\u00bd\u00be\u00bf\u00a1\u00a7~\)\(\]\[\}\{\|\\\/\*]{1,}", " "),
+                (r"\s+\.\s+", " ")]
+_AFTER_FTFY = [(r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""), (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", ""), (r"\b\d+[a-zA-Z]+\d+\b", ""),
+               (r"(worldwide\s+)?(free\s+)?shipping", ""), (r"(free\s)?download(\sfree)?", ""),
+               (r"\bclick\b\s(?:for|on)\s\w+", ""), (r"\b" + _EXT + r"(\simage[s]?)?", ""), (r"\bpage\s+\d+\b", ""),
+               (r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", " "), (r"\b\d+\.?\d*[x\u0445\u00d7]\d+\.?\d*\b", ""),
+               (r"\b\s+\:\s+", ": "), (r"(\D[,\./])\b", r"\1 "), (r"\s+", " "),
+               (r"^[\"\']([\w\W]+)[\"\']$", r"\1"), (r"^[\'\_,\-\:;]", ""), (r"[\'\_,\-\:\-\+]$", ""), (r"^\.\S+$", "")]
+
+
+def _html_text(text):
+    """The text of `text` read as HTML (tags dropped, entities decoded), as BeautifulSoup's html.parser gives it."""
+    from html.parser import HTMLParser
+    parts = []
+    parser = HTMLParser(convert_charrefs=True)
+    parser.handle_data = parts.append
+    parser.feed(text)
+    parser.close()
+    return "".join(parts)
+
+
+def _fix_text(text):
+    """ftfy.fix_text's fixes of well-encoded text: line breaks, control characters, curly quotes, Latin
+    ligatures and full-width letters, NFC."""
+    import unicodedata
+    text = re.sub("\r\n|[\r\u2028\u2029\x85]", "\n", text)
+    text = re.sub("[\x00-\x08\x0b\x0e-\x1f\x7f]", "", text)
+    text = re.sub("[\u02bc\u2018-\u201b]", "'", re.sub("[\u201c-\u201f]", '"', text))
+    text = re.sub("[\ufb00-\ufb06\uff01-\uff5e]", lambda m: unicodedata.normalize("NFKC", m.group()), text)
+    return unicodedata.normalize("NFC", text)
+
+
+def clean_caption(caption):
+    """A caption as LlamaGen's T5 reads it: cleaned twice (URLs, HTML, handles, CJK, ids, file names, stray
+    punctuation; lower case, single spaces)."""
+    import html
+    import urllib.parse
+    for _ in range(2):
+        text = urllib.parse.unquote_plus(str(caption)).strip().lower()
+        for pattern, repl in _BEFORE_HTML:
+            text = re.sub(pattern, repl, text)
+        text = _html_text(text)
+        for pattern, repl in _BEFORE_FTFY:
+            text = re.sub(pattern, repl, text)
+        if len(re.findall(r"[-_]", text)) > 3:  # this-is-a-slug / this_is_a_slug
+            text = re.sub(r"[-_]", " ", text)
+        text = html.unescape(html.unescape(_fix_text(text))).strip()
+        for pattern, repl in _AFTER_FTFY:
+            text = re.sub(pattern, repl, text)
+        caption = text.strip()
+    return caption
+
 def load_t5(path, device="cpu", dtype=torch.float32):
     """T5EncoderModel and its tokenizer from a local directory (no download)."""
     from transformers import AutoTokenizer, T5EncoderModel
@@ -408,9 +476,8 @@ def t5_embed(prompts, tokenizer, encoder, max_length=120, padding="left"):
     layout: valid tokens moved to the end, zeros before them. "right" is the tokenizer's own layout,
     as the authors' release trains on it: valid tokens first, then T5's outputs at the padding;
     "right_zeroed" as its COCO and HPSv2 samplers feed it: every padding slot zero, the last one too
-    (the first image token is predicted from it). Text is lower-cased and stripped (LlamaGen's cleaning
-    without its ftfy / BeautifulSoup steps)."""
-    b = tokenizer([p.lower().strip() for p in prompts], max_length=max_length, padding="max_length",
+    (the first image token is predicted from it). Captions are cleaned first, as LlamaGen's (clean_caption)."""
+    b = tokenizer([clean_caption(p) for p in prompts], max_length=max_length, padding="max_length",
                   truncation=True, return_tensors="pt").to(encoder.device)
     emb = encoder(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
     if padding == "right":
@@ -425,7 +492,8 @@ def t5_embed(prompts, tokenizer, encoder, max_length=120, padding="left"):
 
 
 def prompt_key(prompt):
-    return hashlib.sha1(prompt.encode()).hexdigest()
+    """The cache's key of a prompt: that of the text T5 reads (prompts cleaning to the same text share it)."""
+    return hashlib.sha1(clean_caption(prompt).encode()).hexdigest()
 
 
 def fill_t5_cache(prompts, cache_file, t5_path=None, device="cpu", dtype=torch.float32, max_length=120,

@@ -20,7 +20,7 @@ import common
 import ranke
 from common import caption_features, init_dist, load_policy, read_prompts
 from configurator import defaults
-from model_ar import generate
+from model_ar import clean_caption, generate
 from model_janus import prompt_ids
 from model_vq import load_vq
 
@@ -79,7 +79,7 @@ def check_lengths(c, texts):
     elif os.path.isdir(c.t5_path):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(c.t5_path, local_files_only=True)
-        long = [t for t in texts if len(tokenizer(t.lower().strip()).input_ids) > c.cls_token_num]
+        long = [t for t in texts if len(tokenizer(clean_caption(t)).input_ids) > c.cls_token_num]
         if long:
             raise SystemExit(f"{len(long)} prompt(s) longer than the {c.cls_token_num} caption slots, which T5 would "
                              f"cut: {long[0][:80]!r}; shorten them")

@@ -3,6 +3,7 @@
 runs those fast ones on each mutant)."""
 import argparse
 import copy
+import csv
 import json
 import math
 import os
@@ -428,6 +429,35 @@ def test_t5_embeddings_are_left_padded_and_cached(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(["cache.safetensors", "t5", "t5_cache.safetensors", "t5_cache_bfloat16.safetensors"])
 
 
+def test_captions_are_cleaned_as_llamagens_t5_reads_them(tmp_path):
+    """clean_caption equals LlamaGen's T5Embedder.text_preprocessing (PixArt's clean_caption twice), run
+    outside the project with ftfy and BeautifulSoup (data/caption_cleaning.json): all 30,000 COCO-30K
+    captions (488 of which it changes beyond lower case: "she eps" loses its "eps", "2x2" goes, "U.S."
+    becomes "u. s."), the 553 GenEval prompts, the 25 PartiPrompts it changes, and 300 random strings of
+    URLs, HTML, entities, curly quotes, dashes, CJK, full-width letters and ids. T5 reads the cleaned text,
+    and the feature cache keys a prompt by it."""
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    with open(os.path.join(data, "caption_cleaning.json"), encoding="utf-8") as f:
+        fixture = json.load(f)
+    with open(os.path.join(data, "coco_captions_30k.csv"), encoding="utf-8") as f:
+        coco = [row[0] for row in list(csv.reader(f))[1:]]
+    changed = fixture["coco_captions_30k"]
+    assert len(coco) == 30000 and len(changed) == 488
+    for i, p in enumerate(coco):
+        assert model_ar.clean_caption(p) == changed.get(str(i), p.lower().strip()), (i, p)
+    with open(os.path.join(data, "geneval", "evaluation_metadata.jsonl"), encoding="utf-8") as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
+    assert len(prompts) == 553 and all(model_ar.clean_caption(p) == p.lower().strip() for p in prompts)
+    assert len(fixture["cases"]) == 325
+    for text, cleaned in fixture["cases"]:
+        assert model_ar.clean_caption(text) == cleaned, text
+    tiny_t5(str(tmp_path / "t5"))
+    tok, enc = model_ar.load_t5(str(tmp_path / "t5"))
+    emb, mask = model_ar.t5_embed(["<b>A</b> red  Circle..", "a red circle"], tok, enc, max_length=12)
+    assert torch.equal(emb[0], emb[1]) and torch.equal(mask[0], mask[1])
+    assert model_ar.prompt_key("A red circle.. ") == model_ar.prompt_key("a red circle")
+
+
 # ---------------------------------------------------------------- the Janus policy (model_janus.py)
 
 JANUS_C = 16  # prompt slots of the tiny Janus tests
@@ -790,6 +820,16 @@ def test_squashed_clip_reward_sees_clamped_images(tmp_path):
     want = torch.nn.functional.normalize(pil.model.encode_image(x), dim=-1)
     assert torch.allclose(pil.image_features(images), want, atol=1e-5)
     assert not torch.allclose(pil.image_features(images), fi, atol=1e-3)
+    # hps_fp16 (the release's HPSv2), by its lines: the model's forward under fp16 autocast, then the diagonal
+    # of image_features @ text_features.T, also under it, left in fp16
+    half = losses.Reward("hpsv2", "tiny-clip", tiny_clip(tmp_path), differentiable=False, resize="pil", fp16=True)
+    prompts = ["a red circle", "two blue squares"]
+    with torch.autocast("cpu", torch.float16):
+        image_features, text_features, _ = half.model(x, half.tokenizer(prompts))
+        logits = image_features @ text_features.T
+    score = half(images, prompts)
+    assert score.dtype == torch.float16 and torch.equal(score, logits.diagonal())
+    assert torch.allclose(score.float(), pil(images, prompts), atol=2e-3) and not torch.equal(score.float(), pil(images, prompts))
     with pytest.raises(ValueError, match="cannot be differentiable through PIL"):
         losses.Reward("clip", "tiny-clip", tiny_clip(tmp_path), resize="pil")
 
@@ -812,12 +852,12 @@ def test_score_fp32_scores_outside_autocast_as_the_release(world, tmp_path, monk
             images.bfloat16(), images.bfloat16())
     assert seen == [(torch.float32, torch.float32, False)]
     assert [run_reward(ranke.config([world, f"--score_fp32={v}"])).fp32 for v in (True, False)] == [True, False]
-    made = []  # hps_input reaches HPSv2's Reward (ViT-H-14 itself is not built here)
-    monkeypatch.setattr(losses, "Reward", lambda name, *a, **k: made.append((name, k["resize"])) or SimpleNamespace(
+    made = []  # hps_input and hps_fp16 reach HPSv2's Reward (ViT-H-14 itself is not built here)
+    monkeypatch.setattr(losses, "Reward", lambda name, *a, **k: made.append((name, k["resize"], k["fp16"])) or SimpleNamespace(
         name=name, differentiable=False))
-    for v in ("pil", "tensor"):
-        run_reward(ranke.config([world, "--reward=hpsv2", f"--hps_input={v}", "--reward_resize=squash"]))
-    assert made == [("hpsv2", "pil"), ("hpsv2", "squash")]
+    for v, half in (("pil", True), ("tensor", False)):
+        run_reward(ranke.config([world, "--reward=hpsv2", f"--hps_input={v}", "--reward_resize=squash", f"--hps_fp16={half}"]))
+    assert made == [("hpsv2", "pil", True), ("hpsv2", "squash", False)]
 
 
 def test_reward_sum_with_the_laion_aesthetic_head(tmp_path):
@@ -828,7 +868,7 @@ def test_reward_sum_with_the_laion_aesthetic_head(tmp_path):
     torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, tmp_path / "aes.pth")
     c = argparse.Namespace(reward="clip+aesthetic", clip_model="tiny-clip", clip_weights=clip_file, clip_quick_gelu=False,
                            device="cpu", reward_resize="crop", clip_scale=100.0, aesthetic_weights=str(tmp_path / "aes.pth"),
-                           aesthetic_scale=2.0, hps_weights="", hps_scale=1.0, score_fp32=False, hps_input="tensor")
+                           aesthetic_scale=2.0, hps_weights="", hps_scale=1.0, score_fp32=False, hps_input="tensor", hps_fp16=False)
     r = losses.run_reward(c)
     images, prompts = torch.rand(2, 3, 32, 32) * 2 - 1, ["a red circle", "two blue squares"]
     clip = r.terms[0][1]
@@ -1099,7 +1139,9 @@ def per_rank_worker(rank, c, r0, rollouts, out):
 def test_per_rank_decoders_train_alone_on_their_own_chunks(one_round, tmp_path, monkeypatch):
     """decoder_sync=per_rank (the release's LlamaGen trainer: its decoder's forward bypasses DDP): on 2
     gloo ranks, each rank's decoder and EMA decoder are a single process's trained on that rank's chunks
-    alone, and differ from the other rank's; the discriminator stays one, trained on both ranks' chunks."""
+    alone, and differ from the other rank's; the discriminator stays one, trained on both ranks' chunks.
+    A rank's chunks hold only rollouts of the prompts its rank drew in Stage 1 (chunks k = r, r + 2, ...
+    of each step), as a GPU of the release trains on its own rollouts."""
     c, out = SimpleNamespace(**vars(one_round[0])), one_round[1]
     c.decoder_sync = "per_rank"
     r0, rollouts = str(out / "round_0000"), str(out / "round_0001" / "rollouts.safetensors")
@@ -1107,18 +1149,55 @@ def test_per_rank_decoders_train_alone_on_their_own_chunks(one_round, tmp_path, 
     torch.multiprocessing.spawn(per_rank_worker, args=(c, r0, rollouts, str(tmp_path)), nprocs=2)
     got = {f: weights(tmp_path, f + ".safetensors") for f in ("decoder0", "decoder1", "ema0", "ema1", "disc0", "disc1")}
     assert same(got["disc0"], got["disc1"]) and not same(got["decoder0"], got["decoder1"])
-    load_chunks, threads = train_decoder.load_chunks, torch.get_num_threads()
+    load_chunks, select, threads = train_decoder.load_chunks, train_decoder.select, torch.get_num_threads()
+    R = load_file(rollouts)
+    drew = R["prompt_ids"].view(c.policy_steps, c.prompts_per_step // c.prompts_per_chunk, -1)  # step, chunk, rows
+    monkeypatch.setattr(train_decoder, "select", lambda *a: select(*a[:5], 2))
     torch.set_num_threads(1)  # as the ranks ran: bit for bit the same sums
     try:
         for r in (0, 1):
-            monkeypatch.setattr(train_decoder, "load_chunks", lambda *a: load_chunks(*a[:-2], r, 2))
+            seen = []
+
+            def rank_chunks(*a):
+                seen.extend(load_chunks(*a[:-2], r, 2))
+                return seen[-len(range(r, c.decoder_chunks, 2)):]
+            monkeypatch.setattr(train_decoder, "load_chunks", rank_chunks)
             s = train_decoder.init(c, r0, run_reward(c))
             train_decoder.run(s, c, 1, rollouts)
+            own = {s.prompts[i] for i in drew[:, r::2].flatten().tolist()}
+            assert seen and all(t in own for ch in seen for t in ch.texts)
             assert same(model_vq.decoder_state_dict(s.vq), got[f"decoder{r}"])
             assert same(model_vq.decoder_state_dict(s.ema), got[f"ema{r}"])
             assert not same(s.disc.state_dict(), got["disc0"])  # the shared one learnt from both ranks
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("selection", ["rank_softmax", "top_k"])
+def test_per_rank_chunks_hold_only_their_ranks_groups(world, selection):
+    """decoder_sync=per_rank at the XL presets' chunking (2 prompts a chunk, 2 steps of 16 prompts, 2
+    ranks): Stage 1 deals chunk k of each step to rank k % 2, and every row of a Stage-2 chunk that
+    rank r takes (chunks r, r + 2, ...) comes from rank r's Stage-1 chunks; whole groups, their weights
+    those of the group alone; with all_reduce, rows of both ranks share a rank's chunks."""
+    G, ppc, n_chunks = 4, 2, 8
+    c = SimpleNamespace(group_size=G, prompts_per_step=16, prompts_per_chunk=ppc, decoder_chunks=4, decoder_batch=8,
+                        selection=selection, select_k=2, tau=0.1, rank_softmax="group", seed=0, rounds=1,
+                        decoder_steps=1, select_anneal=0.5, select_temp_start=1.0, select_temp_end=1.0)
+    drew = torch.arange(n_chunks).remainder(2).repeat_interleave(ppc * G).repeat(2)  # the rank that drew each row
+    R = {"rewards": torch.rand(len(drew), generator=torch.Generator().manual_seed(0))}
+    for sync, mixed in (("per_rank", False), ("all_reduce", True)):
+        c.decoder_sync = sync
+        idx, w = train_decoder.select(c, R, 1, 0, 0, 2)
+        rows, w = idx.view(c.decoder_chunks, -1), w.view(c.decoder_chunks, -1)
+        ranks = drew[rows] == torch.arange(c.decoder_chunks)[:, None] % 2
+        assert not ranks.all() if mixed else ranks.all()
+        if sync == "per_rank" and selection == "rank_softmax":  # whole groups, each weighted alone (Eq. 6)
+            for g in idx.view(-1, G):
+                assert torch.equal(g // G, g[:1].expand(G) // G)
+            assert torch.allclose(w.view(-1, G), G * torch.softmax(R["rewards"][idx].view(-1, G) / 0.1, 1))
+    # on 4 ranks, 4 chunks of 2 rollouts give a rank 2, less than its whole group (G = 4 here): refused
+    cw = ranke.config([world, "--decoder_sync=per_rank", "--decoder_chunks=4", "--decoder_batch=2"])
+    assert "whole groups of its own" in train_decoder.check(cw, world=4) and train_decoder.check(cw, world=2) == ""
 
 
 def test_ema_updates_follow_the_releases_micro_steps_by_hand(one_round):
@@ -2129,7 +2208,8 @@ def shapes_args(world_dir, out, *extra):
 @pytest.mark.slow
 def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
     out = str(tmp_path / "run")
-    ranke.main(shapes_args(shapes, out, "--rounds=2", "--policy_steps=1", "--decoder_steps=1", "--eval_every=2"))
+    ranke.main(shapes_args(shapes, out, "--rounds=2", "--policy_steps=1", "--prompts_per_step=4", "--decoder_steps=1",
+                           "--eval_every=2"))
     printed = capsys.readouterr().out
     assert "before (round 0) and after (round 2)" in printed
     for key in ("CLIP", "FD", "GenEval", "code_KL", "code_entropy", "code_KL_real_floor"):
@@ -2411,20 +2491,20 @@ def test_study_runs_arms_over_seeds_and_reports_mean_and_se(world, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ranke", "policy_only", "decoder_only"])
-def test_one_bf16_round_of_each_mode_on_cpu(shapes, tmp_path, mode):
+def test_one_bf16_round_of_each_mode_on_cpu(world, tmp_path, mode):
     """dtype=bfloat16 runs the stages under autocast on the CPU too (the path GPUs run), with finite
     metrics; a ranke run resumed after round 1 ends bitwise equal to an uninterrupted one."""
     out = str(tmp_path / mode)
-    args = ["--dtype=bfloat16", f"--mode={mode}", "--policy_steps=1", "--decoder_steps=1", "--eval_every=0", "--sample_every=1",
-            "--prompts_per_step=2", "--group_size=4", "--decoder_chunks=2"]  # CPU bf16 is emulated: a small step
-    ranke.main(shapes_args(shapes, out, "--rounds=1", *args))
+    args = [world, "--dtype=bfloat16", f"--mode={mode}", "--policy_steps=1", "--decoder_steps=1", "--eval_every=0",
+            "--sample_every=1"]
+    ranke.main([*args, f"--out_dir={out}", "--rounds=1"])
     m = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert all(math.isfinite(v) for v in m.values()) and "reward" in m
     assert ("L_rec" in m) == (mode != "policy_only") and ("kl" in m) == (mode != "decoder_only")
     assert os.path.isfile(os.path.join(out, "round_0001", "samples.png"))
     if mode == "ranke":
-        ranke.main(shapes_args(shapes, out, "--rounds=2", *args))
-        ranke.main(shapes_args(shapes, str(tmp_path / "straight"), "--rounds=2", *args))
+        ranke.main([*args, f"--out_dir={out}", "--rounds=2"])
+        ranke.main([*args, f"--out_dir={tmp_path / 'straight'}", "--rounds=2"])
         for f in ROUND_FILES_CHECKED:
             assert same(weights(os.path.join(out, "round_0002"), f), weights(str(tmp_path / "straight" / "round_0002"), f)), f
 
@@ -2445,20 +2525,22 @@ def prompt_rewards(c, d, prompts, n, seed=123):
 
 @pytest.mark.slow
 def test_short_grpo_raises_the_reward_of_its_prompts(shapes, tmp_path):
-    """The learning signal reaches the policy: 16 GRPO steps on 4 of the world's training prompts (every
-    step all 4, 8 rollouts each, lr 2e-4, seed 0, pi_old from the sampler, decoder frozen) raise their
-    mean reward, 128 fresh samples a prompt before and after (another seed than the rollouts'), by more
+    """The learning signal reaches the policy: 16 GRPO steps on 2 of the world's training prompts (every
+    step both, 8 rollouts each, lr 2e-4, seed 0, pi_old from the sampler, decoder frozen) raise their
+    mean reward, 192 fresh samples a prompt before and after (another seed than the rollouts'), by more
     than 3 standard errors of the sampling noise. A policy that learned nothing would gain 0 +- 1 SE (a
-    false pass < 0.2%). Measured on 2 cores: 0.737 -> 0.823, z = 6.9. Tried first on 16 prompts: 4 and
-    8 steps at lr 2e-4 gained z = 1.5 and 2.5; 6 steps at 5e-4 lost (z = -3.6): too large a step."""
-    prompts = read_prompts(f"{shapes}/prompts_train.txt")[::183][:4]
+    false pass < 0.2%). Measured on 2 cores: 0.651 -> 0.762, z = 6.8 (4.3 and 4.7 on its first 48 and 96
+    samples a prompt), in 143 s. Sizes tried: 4 prompts, 16 steps, 128 samples: z = 7.4 in ~1.6x the time
+    (48 samples of another draw: z = 2.4); 8 steps: z = 4.5; one prompt: z = 3.7. On 16 prompts, 4 and 8
+    steps at lr 2e-4 gained z = 1.5 and 2.5; 6 steps at 5e-4 lost (z = -3.6): too large a step."""
+    prompts = read_prompts(f"{shapes}/prompts_train.txt")[::183][1:3]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = str(tmp_path / "grpo")
     c = ranke.main(shapes_args(shapes, out, "--mode=policy_only", "--rounds=1", "--policy_steps=16",
-                               f"--train_prompts={tmp_path / 'prompts.txt'}", "--prompts_per_step=4",
-                               "--prompts_per_chunk=4", "--old_logprobs=sampler", "--policy_lr=2e-4",
+                               f"--train_prompts={tmp_path / 'prompts.txt'}", "--prompts_per_step=2",
+                               "--prompts_per_chunk=2", "--old_logprobs=sampler", "--policy_lr=2e-4",
                                "--seed=0", "--eval_every=0", "--sample_every=0"))
-    n = 128
+    n = 192
     before = prompt_rewards(c, os.path.join(out, "round_0000"), prompts, n)
     after = prompt_rewards(c, os.path.join(out, "round_0001"), prompts, n)
     gain = (after - before).mean()

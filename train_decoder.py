@@ -92,9 +92,10 @@ decoder_chunks = 8  # forward passes per step, dealt to ranks (the world must di
 #                     decoder_chunks x decoder_batch rollouts (whole prompt groups: 16 = 2 groups here)
 decoder_grad_clip = 1.0
 decoder_sync = "all_reduce"  # the decoder's gradients: 'all_reduce' (one decoder, averaged over ranks: the paper) |
-#                             'per_rank' (each rank trains its own decoder and EMA decoder on its own chunks, and its
-#                             rewards come from it; round folders keep rank 0's. The release's LlamaGen trainer does this,
-#                             its decoder's forward bypassing DDP; the discriminator stays shared, as there)
+#                             'per_rank' (each rank trains its own decoder and EMA decoder on the groups its rank
+#                             drew in Stage 1, and its rewards come from it; round folders keep rank 0's. The
+#                             release's LlamaGen trainer does this, its decoder's forward bypassing DDP; the
+#                             discriminator stays shared, as there)
 rollouts = ""  # standalone: the rollouts file to train on
 init_from = ""  # standalone: the round folder to start from
 SWITCHES = {"disc_fakes": ("policy", "reconstructions"), "gen_loss": ("hinge", "non_saturating"),
@@ -125,6 +126,10 @@ def check(c, world=1):
         step = c.group_size // math.gcd(c.group_size, c.decoder_batch)
         return (f"a decoder step's {c.decoder_chunks} chunks (decoder_chunks) cannot be dealt evenly to {world} "
                 f"ranks: set decoder_chunks={split_hint(c.decoder_chunks, world, step)}")
+    share = c.decoder_chunks // world * c.decoder_batch  # a rank's rollouts a step
+    if c.decoder_sync == "per_rank" and world > 1 and share % (c.select_k if c.selection == "top_k" else c.group_size):
+        return (f"decoder_sync=per_rank trains each rank on whole groups of its own: a rank's decoder_chunks / world x "
+                f"decoder_batch ({share}) must be a multiple of {'select_k' if c.selection == 'top_k' else 'group_size'}")
     if "hpsv2" in reward_terms(c) and c.lambda_bp > 0:
         return "HPSv2 is a black-box reward: set lambda_bp=0 (Rank-GAN carries its signal to the decoder)"
     if not (1 <= c.select_k <= c.group_size and c.decoder_chunks * c.decoder_batch % c.select_k == 0):
@@ -226,7 +231,7 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
     for step in bar:
         global_step = (rnd - 1) * c.decoder_steps + step  # over the whole run, from 0
         gan_on = (c.lambda_gan > 0 or c.rec_gan) and global_step >= c.disc_start
-        idx, sel_w = select(c, R, rnd, step, global_step)
+        idx, sel_w = select(c, R, rnd, step, global_step, world)
         chunks = load_chunks(s, c, R, idx, sel_w, rnd, step, rank, world)
         if gan_on and c.disc_first:  # the release's order: the discriminator sees this step's decodings first
             with torch.no_grad(), autocast(c):
@@ -257,15 +262,29 @@ def run(s, c, rnd, rollouts_path, rank=0, world=1):
     return metrics
 
 
-def select(c, R, rnd, step, global_step):
-    """A step's rollouts (indices into R) and their weights: whole prompt groups, ranked within each group
-    (Eq. 6: w = G softmax(r / tau)) or across the step (rank_softmax = 'batch'); or (selection = 'top_k',
-    the release) the select_k best of each group, weighted K softmax(r / T) as T anneals."""
-    G = c.group_size
-    n_groups, top_k = len(R["rewards"]) // G, c.selection == "top_k"
-    groups_per_step = c.decoder_chunks * c.decoder_batch // (c.select_k if top_k else G)
-    groups = torch.randperm(n_groups, generator=rng(c.seed, rnd, step, "groups")).repeat(groups_per_step // n_groups + 1)
-    idx = (groups[:groups_per_step, None] * G + torch.arange(G)).flatten()
+def select(c, R, rnd, step, global_step, world=1):
+    """A step's rollouts (indices into R, in chunk order) and their weights: whole prompt groups, ranked
+    within each group (Eq. 6: w = G softmax(r / tau)) or across the step (rank_softmax = 'batch'); or
+    (selection = 'top_k', the release) the select_k best of each group, weighted K softmax(r / T) as T
+    anneals. With decoder_sync = 'per_rank' each rank's chunks hold only the groups its own rank drew in
+    Stage 1 (the release: a GPU's decoder learns from its GPU's rollouts)."""
+    n_groups = len(R["rewards"]) // c.group_size
+    per_step = c.decoder_chunks * c.decoder_batch // (c.select_k if c.selection == "top_k" else c.group_size)
+    if c.decoder_sync != "per_rank" or world == 1:
+        return pick(c, R, torch.arange(n_groups), per_step, rng(c.seed, rnd, step, "groups"), global_step)
+    n_chunks = c.prompts_per_step // c.prompts_per_chunk  # Stage 1 deals its chunk k to rank k % world
+    owner = torch.arange(n_groups) // c.prompts_per_chunk % n_chunks % world
+    parts = [pick(c, R, (owner == r).nonzero()[:, 0], per_step // world, rng(c.seed, rnd, step, "groups", r),
+                  global_step) for r in range(world)]
+    # rank r takes chunks r, r + world, ...: its j-th chunk is its own part's j-th
+    return tuple(torch.stack([p[i].view(-1, c.decoder_batch) for p in parts], 1).flatten() for i in (0, 1))
+
+
+def pick(c, R, pool, n, gen, global_step):
+    """n groups of `pool` in a random order (cycled if the pool is smaller), selected and weighted."""
+    G, top_k = c.group_size, c.selection == "top_k"
+    groups = pool[torch.randperm(len(pool), generator=gen)].repeat(n // len(pool) + 1)
+    idx = (groups[:n, None] * G + torch.arange(G)).flatten()
     if not top_k:
         return idx, rank_weights(R["rewards"][idx], c.tau, G if c.rank_softmax == "group" else None)
     temp = schedule("sin", global_step, 0, c.select_anneal * c.rounds * c.decoder_steps,

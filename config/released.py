@@ -6,7 +6,8 @@ caption_padding = "right"  # the T5 wrapper's tokenizer layout, unchanged (train
 clip_scale = 100.0  # 100 cos (trainer:308)
 reward_resize = "squash"  # bilinear to the CLIP's square, no crop (vqrl_models.py: _preprocess_clip_differentiable)
 t5_dtype = "bfloat16"  # its T5Embedder in the run's mixed precision, bf16 (post_train.py:61-63)
-hps_input = "pil"  # HPSv2 scores uint8 PIL images through open_clip's transform (vqrl_models.py:302-304)
+hps_input = "pil"  # HPSv2 scores uint8 PIL images through open_clip's transform (vqrl_models.py:302-304) ...
+hps_fp16 = True  # ... under fp16 autocast (vqrl_models.py:307)
 score_fp32 = True  # rewards, L_BP's reward and L_cons's LPIPS outside autocast, on decodings cast to fp32 (trainer:660-698)
 
 # Stage 1 (GRPO)
