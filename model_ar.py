@@ -10,9 +10,13 @@ rotary table is zero for the caption slots (so their queries and keys are zero),
 token is predicted from the last caption slot.
 """
 import hashlib
+import html
 import math
 import os
 import re
+import unicodedata
+import urllib.parse
+from html.parser import HTMLParser
 from dataclasses import dataclass, replace
 
 import torch
@@ -419,7 +423,6 @@ _AFTER_FTFY = [(r"\b[a-zA-Z]{1,3}\d{3,15}\b", ""), (r"\b[a-zA-Z]+\d+[a-zA-Z]+\b"
 
 def _html_text(text):
     """The text of `text` read as HTML (tags dropped, entities decoded), as BeautifulSoup's html.parser gives it."""
-    from html.parser import HTMLParser
     parts = []
     parser = HTMLParser(convert_charrefs=True)
     parser.handle_data = parts.append
@@ -431,7 +434,6 @@ def _html_text(text):
 def _fix_text(text):
     """ftfy.fix_text's fixes of well-encoded text: line breaks, control characters, curly quotes, Latin
     ligatures and full-width letters, NFC."""
-    import unicodedata
     text = re.sub("\r\n|[\r\u2028\u2029\x85]", "\n", text)
     text = re.sub("[\x00-\x08\x0b\x0e-\x1f\x7f]", "", text)
     text = re.sub("[\u02bc\u2018-\u201b]", "'", re.sub("[\u201c-\u201f]", '"', text))
@@ -442,8 +444,6 @@ def _fix_text(text):
 def clean_caption(caption):
     """A caption as LlamaGen's T5 reads it: cleaned twice (URLs, HTML, handles, CJK, ids, file names, stray
     punctuation; lower case, single spaces)."""
-    import html
-    import urllib.parse
     for _ in range(2):
         text = urllib.parse.unquote_plus(str(caption)).strip().lower()
         for pattern, repl in _BEFORE_HTML:
