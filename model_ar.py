@@ -9,6 +9,7 @@ quirks of the official model are kept on purpose, since the checkpoints were tra
 rotary table is zero for the caption slots (so their queries and keys are zero), and the first image
 token is predicted from the last caption slot.
 """
+import functools
 import hashlib
 import html
 import math
@@ -441,6 +442,7 @@ def _fix_text(text):
     return unicodedata.normalize("NFC", text)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the feature cache's keys ask for it twice a prompt at every step
 def clean_caption(caption):
     """A caption as LlamaGen's T5 reads it: cleaned twice (URLs, HTML, handles, CJK, ids, file names, stray
     punctuation; lower case, single spaces)."""
