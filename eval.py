@@ -132,6 +132,12 @@ def fid_input(path, c):
         img = Image.open(path).convert("RGB")
     except Exception as e:
         raise ValueError(f"cannot open image {path}: {e}") from None
+    return fid_tensor(img, c)
+
+
+def fid_tensor(img, c):
+    """fid_input's transform of a PIL image (an image made in memory, as the world's redrawings)."""
+    from PIL import Image
     if c.fid_crop:
         s = min(img.size)
         left, top = (img.width - s) // 2, (img.height - s) // 2
@@ -201,10 +207,11 @@ def image_batches(paths, size, n=64):
 def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
     """Read the images from disk once, in batches, for everything asked: the FID network's features,
     CLIP image features, and with texts the CLIP scores (and HPSv2's with hps); with vq the frozen
-    tokenizer's codes; with specs the objects the shapes world's rule detector finds (micro GenEval)."""
+    tokenizer's codes; with specs the objects the shapes world's rule detector finds (micro GenEval), and
+    each image redrawn from them by the world's renderer: its L1 to the image and the redrawings' features."""
     if specs is not None:
-        from data.shapes.world import detect  # the spec format of the shapes world
-    out = {"feats": [], "clip_feats": [], "scores": [], "hps": [], "codes": []}
+        from data.shapes.world import count, draw, read_objects  # the spec format of the shapes world
+    out = {"feats": [], "clip_feats": [], "scores": [], "hps": [], "codes": [], "redraw_feats": [], "redraw_L1": []}
     counts, start = [], 0
     for x in image_batches(paths, rc.image_size):
         x, t = x.to(rc.device), texts[start:start + len(x)] if texts is not None else None
@@ -222,7 +229,15 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
                     out["hps"].append(hps(x, t).cpu())
         if specs is not None:
             u8 = ((x.cpu() + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-            counts += [detect(im) for im in u8]
+            objects = [read_objects(im) for im in u8]
+            counts += [count(o) for o in objects]
+            redrawn = np.stack([draw(o) for o in objects])
+            out["redraw_L1"].append(torch.from_numpy(np.abs(redrawn.astype(np.float64) - u8).mean((1, 2, 3)) / 127.5))
+            if net is not None:
+                from PIL import Image
+                r = torch.stack([fid_tensor(Image.fromarray(im), c) for im in redrawn]).to(next(net.parameters()).device)
+                with torch.no_grad():
+                    out["redraw_feats"].append(net(r, return_features=True).float().cpu())
     return {**{k: torch.cat(v) for k, v in out.items() if v}, "counts": counts}
 
 
@@ -370,6 +385,11 @@ def evaluate_round(c, rc, d, rank=0, world=1):
         ok = torch.tensor([correct(specs[t], n) for t, n in zip(texts, s["counts"])]).float()
         kinds = [specs[t]["kind"] for t in texts]
         m["GenEval"] = ok.mean().item()
+        # what the images show apart from how they are drawn: each image redrawn by the world's renderer from
+        # the objects read in it. FD_content: the redrawings' FD (content alone); redraw_L1: the rendering's error
+        m["redraw_L1"] = s["redraw_L1"].mean().item()
+        if ref is not None and net is not None:
+            m["FD_content"] = frechet(*gaussian(s["redraw_feats"]), ref["mu"], ref["sigma"])
         for k, name in (("single", "GenEval_colour"), ("two", "GenEval_count"), ("pair", "GenEval_two_obj")):
             sel = [i for i, x in enumerate(kinds) if x == k]
             if sel:

@@ -19,7 +19,8 @@ def curves(results, path, reward_by_round):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = ["FID", "FD", "FD_CLIP", "FID_rec", "FD_rec", "CLIP", "GenEval", "code_KL", "code_entropy", "reward"]
+    keys = ["FID", "FD", "FD_CLIP", "FD_content", "FID_rec", "FD_rec", "redraw_L1", "CLIP", "GenEval", "code_KL",
+            "code_entropy", "reward"]
     keys = [k for k in keys if any(k in m for r in results.values() for m in r.values()) or k == "reward"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8))
     for ax, k in zip(axes, keys):

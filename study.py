@@ -33,7 +33,8 @@ ARMS = {  # arm -> the switches that make it (the default run is RankE with tau 
     "no_cons": ["--lambda_cons=0"], "tau_inf": ["--tau=inf"], "tau_1": ["--tau=1.0"], "tau_0.01": ["--tau=0.01"],
     # the authors' release at the same budget (30 rounds of 1 + 1 steps), with the world GPT's left padding, and as released
     "released": ["config/released_shapes.py", "--caption_padding=left"], "released_right": ["config/released_shapes.py"]}
-METRICS = ("reward", "CLIP", "FID", "FD", "FD_CLIP", "GenEval", "code_KL", "code_entropy", "FID_rec", "FD_rec", "rec_L1")
+METRICS = ("reward", "CLIP", "FID", "FD", "FD_CLIP", "FD_content", "GenEval", "code_KL", "code_entropy", "FID_rec", "FD_rec",
+           "rec_L1", "redraw_L1")
 PAIRED = ("ranke", "std_rl")  # the paired comparison: the first arm minus the second, seed by seed
 
 

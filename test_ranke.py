@@ -2148,6 +2148,25 @@ def test_world_is_deterministic_with_unseen_compositions():
         assert not shapes_world.correct(s, [0 if w else n for n, w in zip(counts, want)])
 
 
+def test_world_reads_back_the_objects_it_drew():
+    """read_objects (micro GenEval's detector, and the redrawing behind FD_content and redraw_L1) finds every
+    object of a render with its colour and shape, its centre and radius within a pixel of the layout's (the
+    renderer's ground truth, not the reader's); so a render redrawn from what is read is near the render."""
+    rng = random.Random(5)
+    for spec in rng.sample(shapes_world.all_specs(), 60):
+        placed = shapes_world.layout(spec, rng)
+        img = shapes_world.draw(placed)
+        found = shapes_world.read_objects(img)
+        assert len(found) == len(placed)
+        for colour, shape, cx, cy, r in placed:
+            got = min(found, key=lambda o: (o[2] - cx) ** 2 + (o[3] - cy) ** 2)
+            assert got[:2] == (colour, shape) and max(abs(got[2] - cx), abs(got[3] - cy), abs(got[4] - r)) < 1.0
+        assert np.abs(shapes_world.draw(found).astype(float) - img).mean() / 127.5 < 0.02
+    for cx, cy in ((32.0, 32.0), (20.3, 30.7)):  # a big triangle: its centre lies 0.1 r below its box's
+        (got,) = shapes_world.read_objects(shapes_world.draw([("red", "triangle", cx, cy, 16.0)]))
+        assert max(abs(got[2] - cx), abs(got[3] - cy), abs(got[4] - 16.0)) < 1.0
+
+
 def test_world_draws_anti_aliased_shapes_and_maps_them_by_hand():
     """A red square of half-side 0.85 r = 8.5 px centred at (20, 20): pixels 12-27 are inside, 11 and 28
     half covered (an edge of x = 11.5 and 28.5), the corner pixel (11, 11) a quarter; the object map's
@@ -2226,7 +2245,7 @@ def test_smoke_world_runs_end_to_end(shapes, tmp_path, capsys):
         rec = ((127.5 * vq.decode(vq.encode(real)) + 128).clamp(0, 255).to(torch.uint8).float() / 127.5 - 1)
     m0 = json.load(open(os.path.join(out, "round_0000", "eval.json")))
     assert m0["rec_L1"] == pytest.approx((rec - real).abs().mean().item(), rel=1e-5)
-    assert m["rec_L1"] > 0 and math.isfinite(m["FD_rec"])
+    assert m["rec_L1"] > 0 and math.isfinite(m["FD_rec"]) and math.isfinite(m["FD_content"]) and 0 < m["redraw_L1"] < 1
     # the loop's own report: the table, the curves and the before / after figure land in the run's folder
     assert all(os.path.isfile(os.path.join(out, f)) for f in ("eval_table.md", "eval_curves.png", "eval_before_after.png"))
     os.remove(os.path.join(out, "eval_before_after.png"))

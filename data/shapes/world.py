@@ -133,14 +133,15 @@ def object_map(objects):
     return out
 
 
-def detect(img):
+def read_objects(img):
     """The objects in an image, by rule: each pixel takes its nearest palette colour (or the
     background), 4-connected regions of a colour are objects (specks under 40 px are ignored), and an
     object's shape is read from how much of its bounding box it fills (square ~1, circle ~0.79,
-    triangle ~0.5). Right on the world's renders; returns per-object counts (capped at 2)."""
+    triangle ~0.5). Returns [(colour, shape, cx, cy, r)] as layout() places them: the centre and radius
+    from the bounding box by each shape's geometry (coverage()), so draw() redraws what the image shows."""
     palette = np.array([*COLORS.values(), BACKGROUND])
     label = ((img[:, :, None].astype(int) - palette) ** 2).sum(-1).argmin(-1)
-    counts = [0] * len(OBJECTS)
+    objects = []
     seen = np.zeros(label.shape, bool)
     for y0, x0 in zip(*np.nonzero(label < len(COLORS))):
         if seen[y0, x0]:
@@ -157,11 +158,27 @@ def detect(img):
         if len(pixels) < 40:
             continue
         ys, xs = np.array(pixels).T
-        fill = len(pixels) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+        h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        fill = len(pixels) / (h * w)
         shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
-        k = OBJECTS.index((list(COLORS)[colour], shape))
+        cx, cy = xs.min() + w / 2, ys.min() + h / 2
+        r = {"circle": (h + w) / 4, "square": (h + w) / 4 / 0.85, "triangle": h / 1.8}[shape]  # half-sides r, 0.85 r; height 1.8 r
+        objects.append((list(COLORS)[colour], shape, cx, cy if shape != "triangle" else ys.min() + r, r))
+    return objects
+
+
+def count(objects):
+    """Per-object counts (15 kinds, capped at 2) of a list of objects."""
+    counts = [0] * len(OBJECTS)
+    for colour, shape, *_ in objects:
+        k = OBJECTS.index((colour, shape))
         counts[k] = min(2, counts[k] + 1)
     return counts
+
+
+def detect(img):
+    """The counts of the objects read_objects finds: right on the world's renders."""
+    return count(read_objects(img))
 
 
 def correct(spec, counts):
