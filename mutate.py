@@ -164,7 +164,8 @@ MUTANTS = [  # (name, file, original text, mutated text)
     ("code KL: reversed", "eval.py", "return (p * (p / q).log2()).sum().item()", "return (q * (q / p).log2()).sum().item()"),
     ("entropy: nats", "eval.py", "return -(p[p > 0] * p[p > 0].log2()).sum().item()", "return -(p[p > 0] * p[p > 0].log()).sum().item()"),
     ("world reader: a square's radius is its half-side", "data/shapes/world.py", '"square": (h + w) / 4 / 0.85', '"square": (h + w) / 4'),
-    ("world reader: a triangle's centre at its box's", "data/shapes/world.py", 'cy if shape != "triangle" else ys.min() + r', "cy"),
+    ("world reader: a triangle's centre at its box's", "data/shapes/world.py", 'cy = ys.min() + r if shape == "triangle" else',
+     'cy = ys.min() + h / 2 if shape == "triangle" else'),
 ]
 
 TESTS = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "not slow", "-p", "no:cacheprovider", "test_ranke.py"]

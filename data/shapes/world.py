@@ -161,9 +161,10 @@ def read_objects(img):
         h, w = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
         fill = len(pixels) / (h * w)
         shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
-        cx, cy = xs.min() + w / 2, ys.min() + h / 2
-        r = {"circle": (h + w) / 4, "square": (h + w) / 4 / 0.85, "triangle": h / 1.8}[shape]  # half-sides r, 0.85 r; height 1.8 r
-        objects.append((list(COLORS)[colour], shape, cx, cy if shape != "triangle" else ys.min() + r, r))
+        # coverage()'s geometry: a circle of radius r, a square of half-side 0.85 r, a triangle 1.8 r high
+        r = {"circle": (h + w) / 4, "square": (h + w) / 4 / 0.85, "triangle": h / 1.8}[shape]
+        cy = ys.min() + r if shape == "triangle" else ys.min() + h / 2  # a triangle's centre: r below its apex
+        objects.append((list(COLORS)[colour], shape, xs.min() + w / 2, cy, r))
     return objects
 
 
