@@ -210,6 +210,7 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
     tokenizer's codes; with specs the objects the shapes world's rule detector finds (micro GenEval), and
     each image redrawn from them by the world's renderer: its L1 to the image and the redrawings' features."""
     if specs is not None:
+        from PIL import Image
         from data.shapes.world import count, draw, read_objects  # the spec format of the shapes world
     out = {"feats": [], "clip_feats": [], "scores": [], "hps": [], "codes": [], "redraw_feats": [], "redraw_L1": []}
     counts, start = [], 0
@@ -234,7 +235,6 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
             redrawn = np.stack([draw(o) for o in objects])
             out["redraw_L1"].append(torch.from_numpy(np.abs(redrawn.astype(np.float64) - u8).mean((1, 2, 3)) / 127.5))
             if net is not None:
-                from PIL import Image
                 r = torch.stack([fid_tensor(Image.fromarray(im), c) for im in redrawn]).to(next(net.parameters()).device)
                 with torch.no_grad():
                     out["redraw_feats"].append(net(r, return_features=True).float().cpu())
