@@ -147,12 +147,14 @@ def fid_tensor(img, c):
 
 def image_features(net, paths, c, batch=64):
     """Features of the FID network for image files, batch by batch."""
-    out = []
-    for i in range(0, len(paths), batch):
-        x = torch.stack([fid_input(p, c) for p in paths[i:i + batch]]).to(next(net.parameters()).device)
-        with torch.no_grad():
-            out.append(net(x, return_features=True).float().cpu())
-    return torch.cat(out)
+    return torch.cat([fid_features(net, torch.stack([fid_input(p, c) for p in paths[i:i + batch]]))
+                      for i in range(0, len(paths), batch)])
+
+
+def fid_features(net, x):
+    """The FID network's features of a batch of fid_input tensors."""
+    with torch.no_grad():
+        return net(x.to(next(net.parameters()).device), return_features=True).float().cpu()
 
 
 # ---------------------------------------------------------------- generation
@@ -235,9 +237,8 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
             redrawn = np.stack([draw(o) for o in objects])
             out["redraw_L1"].append(torch.from_numpy(np.abs(redrawn.astype(np.float64) - u8).mean((1, 2, 3)) / 127.5))
             if net is not None:
-                r = torch.stack([fid_tensor(Image.fromarray(im), c) for im in redrawn]).to(next(net.parameters()).device)
-                with torch.no_grad():
-                    out["redraw_feats"].append(net(r, return_features=True).float().cpu())
+                redrawn_x = torch.stack([fid_tensor(Image.fromarray(im), c) for im in redrawn])
+                out["redraw_feats"].append(fid_features(net, redrawn_x))
     return {**{k: torch.cat(v) for k, v in out.items() if v}, "counts": counts}
 
 

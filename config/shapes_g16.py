@@ -1,7 +1,8 @@
 # The shapes world's setting where Std. RL's codes drift and its FD falls behind the base's as the reward
 # rises (docs/shapes_world.md, "Latent Covariate Shift on the world"): groups of 16 rollouts (twice the default's: better-ranked
 # advantages), twice the default's GRPO learning rate, every evaluated round on 8 samples a prompt.
-#   python study.py config/shapes_g16.py --study_dir=out/study_g16 --arms=std_rl,ranke   # seeds 1-5, ~21 min a run
+#   OMP_NUM_THREADS=1 python study.py config/shapes_g16.py --study_dir=out/study_g16 --arms=std_rl,ranke --seeds=1,2,3,4,5,6,7
+#   (~20 min a run on one core; the docs' study ran each run on one thread)
 group_size = 16
 policy_lr = 1e-4
 eval_n_per_prompt = 8
