@@ -59,9 +59,9 @@ rec_gan = False  # L_rec gains the tokenizer's GAN term on its reconstructions, 
 gen_loss = "hinge"  # generator side of the GAN: 'hinge' | 'non_saturating'
 lambda_bp = 0.1  # Eq. 5 (r); 0 for a black-box reward
 lambda_gan = 0.1  # Eq. 6; the paper: 0.5 (r), config/llamagen_xl_clip.py. On the shapes world 0.5 lets the discriminator win
-#                  and the decoder drift (held-out rec_L1 +73% in 10 rounds; docs/shapes_world.md)
+#                  and the decoder drift (held-out rec_L1 +73% in 10 rounds; docs/history_shapes_base_3000.md)
 lambda_rec = 4.0  # Eq. 7; the paper: 1.0 (r), config/llamagen_xl_clip.py. On the shapes world 1.0 lets the decoder drift
-#                  (held-out rec_L1 +11% in 30 steps; +6% with no GAN at all), 4 holds it within 3% (docs/shapes_world.md)
+#                  (held-out rec_L1 +11% in 30 steps; +6% with no GAN at all), 4 holds it within 3% (docs/history_shapes_base_3000.md)
 lambda_cons = 1.0  # Eq. 8 (r); 10 drifts, 50 collapses the decoder
 cons_kind = "mse"  # L_cons: 'mse' (Eq. 8) | 'lpips' (the release; needs lpips_vgg / lpips_lin)
 cons_schedule = "none"  # lambda_cons over the run's decoder steps: 'none' | 'linear' | 'sin', from

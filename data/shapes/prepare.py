@@ -44,7 +44,7 @@ BASE = os.path.join(HERE, "base")
 CLIP_CONFIG = {"embed_dim": 64, "quick_gelu": False,
                "vision_cfg": {"image_size": 64, "layers": 3, "width": 96, "head_width": 32, "patch_size": 8},
                "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}}
-STEPS = {"vq": 2000, "gpt": 3000, "clip": 600, "features": 1500, "janus": 1500}
+STEPS = {"vq": 2000, "gpt": 12000, "clip": 600, "features": 1500, "janus": 1500}
 JANUS_PROMPT_LEN = 24  # BOS, the template's 4 tokens, up to 8 words, the image-start token
 RENDERS_PER_PROMPT = 32  # the GPT's training set: this many renders of each training prompt, encoded once
 SHIPPED = ["vq.safetensors", "gpt.safetensors", "clip.json", "clip.safetensors", "features.safetensors",
@@ -124,12 +124,20 @@ def train_gpt(vq, train, cache, t5_path, steps, rng, renders, gpt=None, cond=Non
         codes = torch.cat([vq.encode(images_of([train[i] for i in ids[k:k + 256]], rng)) for k in range(0, len(ids), 256)])
     opt = torch.optim.AdamW(gpt.parameters(), 2e-3, betas=(0.9, 0.95), weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
+
+    fast = isinstance(gpt, GPT)  # transformers' Janus stays eager in fp32: compiled, its steps were slower
+
+    def loss_of(b, uncond):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            logits = gpt(codes[b], cond[ids[b]], mask[ids[b]], uncond=uncond)
+        return F.cross_entropy(logits.float().flatten(0, 1), codes[b].flatten())
+    if fast:  # bf16 autocast and compiled: 1.6x the steps a second on 2 CPU cores (AMX, fused elementwise ops)
+        loss_of = torch.compile(loss_of)
     for step in bar(range(steps), f"policy ({type(gpt).__name__})"):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, 2e-3)
         b = torch.randint(len(ids), (64,), generator=g)
-        logits = gpt(codes[b], cond[ids[b]], mask[ids[b]], uncond=torch.rand(64, generator=g) < 0.1)
-        loss = F.cross_entropy(logits.flatten(0, 1), codes[b].flatten())
+        loss = loss_of(b, torch.rand(64, generator=g) < 0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(gpt.parameters(), 1.0)
