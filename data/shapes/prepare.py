@@ -124,8 +124,7 @@ def train_gpt(vq, train, cache, t5_path, steps, rng, renders, gpt=None, cond=Non
         codes = torch.cat([vq.encode(images_of([train[i] for i in ids[k:k + 256]], rng)) for k in range(0, len(ids), 256)])
     opt = torch.optim.AdamW(gpt.parameters(), 2e-3, betas=(0.9, 0.95), weight_decay=0.05)
     g = torch.Generator().manual_seed(0)
-
-    fast = isinstance(gpt, GPT)  # transformers' Janus stays eager in fp32: compiled, its steps were slower
+    fast = isinstance(gpt, GPT)  # transformers' Janus stays eager in fp32: compiled, its steps took a minute each
 
     def loss_of(b, uncond):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
