@@ -2550,8 +2550,9 @@ def test_short_grpo_raises_the_reward_of_its_prompts(shapes, tmp_path):
     than 3 standard errors of the sampling noise. A policy that learned nothing would gain 0 +- 1 SE (a
     false pass < 0.2%). Measured on 2 cores, on the first (3,000-step) base: 0.651 -> 0.762, z = 6.8 (4.3
     and 4.7 on its first 48 and 96 samples a prompt), in 143 s; it passes on the 12,000-step base (82 s).
-    Sizes tried: 4 prompts, 16 steps, 128 samples: z = 7.4 in ~1.6x the time (48 samples of another draw: z = 2.4); 8 steps: z = 4.5; one prompt: z = 3.7. On 16 prompts, 4 and 8
-    steps at lr 2e-4 gained z = 1.5 and 2.5; 6 steps at 5e-4 lost (z = -3.6): too large a step."""
+    Sizes tried: 4 prompts, 16 steps, 128 samples: z = 7.4 in ~1.6x the time (48 samples of another draw:
+    z = 2.4); 8 steps: z = 4.5; one prompt: z = 3.7. On 16 prompts, 4 and 8 steps at lr 2e-4 gained
+    z = 1.5 and 2.5; 6 steps at 5e-4 lost (z = -3.6): too large a step."""
     prompts = read_prompts(f"{shapes}/prompts_train.txt")[::183][1:3]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
     out = str(tmp_path / "grpo")
