@@ -11,7 +11,8 @@ table and as curves with +- 1 SE bands, and RankE minus Std. RL seed by seed wit
 Each run is `ranke.py` with the arm's switches and `--seed=S` (the seed of every draw: rollouts, chunks,
 real images, the discriminator's init), in out/study/<arm>_s<S>; an interrupted study resumes where it
 stopped (ranke.py resumes each run; a finished one only reports). Seed 0 is the default run's, used to
-explore the world; the reported study (on the first base) ran seeds 1-7 (docs/history_shapes_base_3000.md).
+explore the world; the reported studies ran seeds 1-5 on the shipped base (docs/shapes_world.md) and
+1-7 on the first (docs/history_shapes_base_3000.md).
 """
 import json
 import math
