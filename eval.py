@@ -206,6 +206,19 @@ def image_batches(paths, size, n=64):
 # ---------------------------------------------------------------- one round
 
 
+def to_u8(x):
+    """Images in [-1, 1], B x 3 x H x W -> B x H x W x 3 uint8, as the evaluation reads them."""
+    return ((x.cpu() + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+
+def redraw(u8, objects):
+    """The shapes world's renderer's drawing of the objects read in each image, and each image's L1 to it
+    (in [-1, 1] units): redraw_L1, how far an image is from a clean drawing of what it shows."""
+    from data.shapes.world import draw
+    redrawn = np.stack([draw(o) for o in objects])
+    return redrawn, np.abs(redrawn.astype(np.float64) - u8).mean((1, 2, 3)) / 127.5
+
+
 def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
     """Read the images from disk once, in batches, for everything asked: the FID network's features,
     CLIP image features, and with texts the CLIP scores (and HPSv2's with hps); with vq the frozen
@@ -213,7 +226,7 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
     each image redrawn from them by the world's renderer: its L1 to the image and the redrawings' features."""
     if specs is not None:
         from PIL import Image
-        from data.shapes.world import count, draw, read_objects  # the spec format of the shapes world
+        from data.shapes.world import count, read_objects  # the spec format of the shapes world
     out = {"feats": [], "clip_feats": [], "scores": [], "hps": [], "codes": [], "redraw_feats": [], "redraw_L1": []}
     counts, start = [], 0
     for x in image_batches(paths, rc.image_size):
@@ -231,11 +244,11 @@ def image_stats(c, rc, paths, texts, net, clip, specs=None, vq=None, hps=None):
                 if hps is not None:
                     out["hps"].append(hps(x, t).cpu())
         if specs is not None:
-            u8 = ((x.cpu() + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+            u8 = to_u8(x)
             objects = [read_objects(im) for im in u8]
             counts += [count(o) for o in objects]
-            redrawn = np.stack([draw(o) for o in objects])
-            out["redraw_L1"].append(torch.from_numpy(np.abs(redrawn.astype(np.float64) - u8).mean((1, 2, 3)) / 127.5))
+            redrawn, l1 = redraw(u8, objects)
+            out["redraw_L1"].append(torch.from_numpy(l1))
             if net is not None:
                 redrawn_x = torch.stack([fid_tensor(Image.fromarray(im), c) for im in redrawn])
                 out["redraw_feats"].append(fid_features(net, redrawn_x))

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import world  # noqa: E402
 from prepare import BASE, images_of, prepare  # noqa: E402
-from eval import frechet, gaussian, image_features  # noqa: E402
+from eval import frechet, gaussian, image_features, to_u8  # noqa: E402
 from checkpoint import atomic_write  # noqa: E402
 from common import save_grid  # noqa: E402
 from model_vq import load_vq  # noqa: E402
@@ -66,7 +66,7 @@ def reader_accuracy(vq, specs, rng):
         rec = vq.decode(vq.encode(x)).clamp(-1, 1)
     out = {}
     for name, imgs in (("renders", x), ("reconstructions", rec)):
-        u8 = ((imgs + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # as eval.py reads them
+        u8 = to_u8(imgs)
         right = [world.correct(s, world.detect(im)) for s, im in zip(specs, u8)]
         out[name] = {"all": float(np.mean(right))}
         for kind in ("single", "two", "pair"):

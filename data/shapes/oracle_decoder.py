@@ -14,7 +14,6 @@ import os
 import random
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -23,22 +22,17 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(os.path.dirname(HERE))]
 import world  # noqa: E402
 from prepare import images_of, prepare  # noqa: E402
+from eval import redraw, to_u8  # noqa: E402
 from model_vq import decoder_parameters, load_decoder, load_vq  # noqa: E402
 
 VQ = "VQ-micro"  # the world's tokenizer config
 
 
-def to_u8(x):
-    return ((x + 1) * 127.5 + 0.5).clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()  # as eval.py reads images
-
-
-def redrawn(u8):
-    """The world's renderer's drawing of the objects read in each image (eval.py's redrawing)."""
-    return np.stack([world.draw(world.read_objects(im)) for im in u8])
-
-
-def redraw_l1(u8):
-    return float(np.mean(np.abs(redrawn(u8).astype(np.float64) - u8).mean((1, 2, 3)) / 127.5))
+def redrawn(x):
+    """eval.py's redrawing of images x in [-1, 1] (as uint8) and their mean redraw_L1."""
+    u8 = to_u8(x)
+    drawn, l1 = redraw(u8, [world.read_objects(im) for im in u8])
+    return drawn, float(l1.mean())
 
 
 @torch.no_grad()
@@ -49,7 +43,7 @@ def decode(vq, codes):
 def oracle(vq, path, codes, rng, steps, lr=1e-4, batch=32):
     """The base decoder fine-tuned: L1 to the redrawings of its own decodings of `codes`, plus L1
     reconstruction of fresh real renders of training prompts from their ground-truth codes."""
-    targets = torch.from_numpy(redrawn(to_u8(decode(vq, codes)))).permute(0, 3, 1, 2).float() / 127.5 - 1
+    targets = torch.from_numpy(redrawn(decode(vq, codes))[0]).permute(0, 3, 1, 2).float() / 127.5 - 1
     train_specs, _ = world.split(0)
     fit = load_vq(path, VQ).train()
     opt = torch.optim.Adam(decoder_parameters(fit), lr=lr)
@@ -80,7 +74,7 @@ def main(runs, round_=20, steps=600, decoders=(), out="out/shapes"):
     real = images_of([rng.choice(held) for _ in range(256)], rng)
     with torch.no_grad():
         real_codes = vq.encode(real)
-    print(f"real renders: redraw_L1 {redraw_l1(to_u8(real)):.5f} (the reader and renderer's own error)")
+    print(f"real renders: redraw_L1 {redrawn(real)[1]:.5f} (the reader and renderer's own error)")
     fitted = [("base decoder", vq)]
     if steps:  # --steps=0: the decoders given alone
         fitted.append((f"oracle, {steps} steps on {len(train)} code grids", oracle(vq, path, train, rng, steps)))
@@ -89,8 +83,8 @@ def main(runs, round_=20, steps=600, decoders=(), out="out/shapes"):
     print("|---|---|---|---|")
     for name, dec in fitted:
         rec = decode(dec, real_codes)
-        print(f"| {name} | {redraw_l1(to_u8(decode(dec, test))):.5f} | {(rec - real).abs().mean().item():.5f} | "
-              f"{redraw_l1(to_u8(rec)):.5f} |", flush=True)
+        print(f"| {name} | {redrawn(decode(dec, test))[1]:.5f} | {(rec - real).abs().mean().item():.5f} | "
+              f"{redrawn(rec)[1]:.5f} |", flush=True)
 
 
 if __name__ == "__main__":
