@@ -2195,7 +2195,7 @@ def shapes(tmp_path_factory):
     return out
 
 
-def test_shipped_world_is_checked_against_its_manifest(tmp_path):
+def test_shipped_world_is_checked_against_its_manifest(tmp_path, monkeypatch):
     """A shipped file that differs from its sha256 is refused by name before anything is written; a world
     written from other base models is written again."""
     base = tmp_path / "base"
@@ -2211,7 +2211,19 @@ def test_shipped_world_is_checked_against_its_manifest(tmp_path):
     (out / "READY").write_text(json.dumps({"manifest_sha256": stamp}))
     assert shapes_prepare.write_world(str(out)) is False  # the same base: kept
     (out / "READY").write_text(json.dumps({"manifest_sha256": "another"}))
-    assert shapes_prepare.write_world(str(out)) is True and os.path.isfile(out / "vq.pt")
+    # written again; and a second run that writes it whole while the first is writing (a study's runs
+    # started together) leaves one complete world, with neither run failing nor any temporary folder left
+    save_pairs, inner = shapes_prepare.save_pairs, []
+
+    def save_pairs_meanwhile(*args):
+        if not inner:
+            inner.append(None)
+            inner[0] = shapes_prepare.write_world(str(out))
+        return save_pairs(*args)
+    monkeypatch.setattr(shapes_prepare, "save_pairs", save_pairs_meanwhile)
+    assert shapes_prepare.write_world(str(out)) is False and inner == [True]
+    assert os.path.isfile(out / "vq.pt") and json.loads((out / "READY").read_text())["manifest_sha256"] == stamp
+    assert sorted(os.listdir(tmp_path)) == ["base", "w"]
 
 
 def shapes_args(world_dir, out, *extra):

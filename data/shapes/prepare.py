@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -384,10 +385,28 @@ def write_world(out="out/shapes", base=BASE, seed=0):
     if os.path.isfile(ready) and json.load(open(ready)).get("manifest_sha256") == stamp:
         return False
     t0 = time.time()
-    shutil.rmtree(out, ignore_errors=True)
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # a folder of this call's own, so that runs started together (a study's, two at a time) each write whole
+    # worlds; the first to finish publishes its world and the others keep it
+    out = out.rstrip("/")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=os.path.dirname(os.path.abspath(out)))
+    os.chmod(tmp, 0o755)
+    try:
+        fill_world(tmp, base, seed, stamp, t0)
+        if os.path.isfile(ready) and json.load(open(ready)).get("manifest_sha256") == stamp:
+            return False  # another run wrote it meanwhile
+        shutil.rmtree(out, ignore_errors=True)  # a world of other base models
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another run published its world in the moment between
+            return False
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fill_world(tmp, base, seed, stamp, t0):
+    """write_world's files, into the folder tmp."""
     train, held = world.split(seed)
     rng = random.Random(seed)
     with open(os.path.join(tmp, "prompts_train.txt"), "w") as f:
@@ -407,8 +426,6 @@ def write_world(out="out/shapes", base=BASE, seed=0):
     torch.jit.save(torch.jit.script(net), os.path.join(tmp, "features.pt"))
     with open(os.path.join(tmp, "READY"), "w") as f:
         json.dump({"manifest_sha256": stamp, "seconds": round(time.time() - t0, 1)}, f)
-    os.replace(tmp, out)
-    return True
 
 
 def prepare(out="out/shapes", seed=0, backbone="llamagen"):
