@@ -381,19 +381,19 @@ def write_world(out="out/shapes", base=BASE, seed=0):
     in their official formats. Done once; READY names the manifest it was written from, so a checkout
     with other base models writes the world again."""
     stamp = check_base(base)
-    ready = os.path.join(out, "READY")
-    if os.path.isfile(ready) and json.load(open(ready)).get("manifest_sha256") == stamp:
+    if written_from(out, stamp):
         return False
     t0 = time.time()
     # a folder of this call's own, so that runs started together (a study's, two at a time) each write whole
     # worlds; the first to finish publishes its world and the others keep it
     out = out.rstrip("/")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=os.path.dirname(os.path.abspath(out)))
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp", dir=parent)
     os.chmod(tmp, 0o755)
     try:
         fill_world(tmp, base, seed, stamp, t0)
-        if os.path.isfile(ready) and json.load(open(ready)).get("manifest_sha256") == stamp:
+        if written_from(out, stamp):
             return False  # another run wrote it meanwhile
         shutil.rmtree(out, ignore_errors=True)  # a world of other base models
         try:
@@ -403,6 +403,12 @@ def write_world(out="out/shapes", base=BASE, seed=0):
         return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def written_from(out, stamp):
+    """Whether `out` holds a whole world written from the base models of manifest digest `stamp`."""
+    ready = os.path.join(out, "READY")
+    return os.path.isfile(ready) and json.load(open(ready)).get("manifest_sha256") == stamp
 
 
 def fill_world(tmp, base, seed, stamp, t0):
