@@ -39,7 +39,9 @@ vq_model = "VQ-micro"
 vq_ckpt = "out/shapes/vq.pt"
 image_size = 64
 t5_path = "out/shapes/t5"
-train_prompts = "out/shapes/prompts_train.txt"  # .txt (a prompt a line), .csv / .tsv (a Prompt column) or .jsonl
+train_prompts = "data/shapes/prompts_hard.txt"  # .txt (a prompt a line), .csv / .tsv (a Prompt column) or .jsonl;
+#                                                the default: the 8 training prompts the shipped base draws worst
+#                                                (data/shapes/hard_prompts.py); the world's all: out/shapes/prompts_train.txt
 train_pairs = "out/shapes/pairs.jsonl"  # {"image": path, "caption": text} a line: real images for Stage 2
 reward = "clip"  # terms joined by '+': 'clip' (differentiable) | 'hpsv2' (black box) | 'aesthetic' (LAION head on CLIP-L)
 clip_model = "out/shapes/clip.json"  # an open_clip model name, or the path of an open_clip JSON config

@@ -75,6 +75,8 @@ eval_rec_images = 512  # the round's decoder on the ground-truth codes of the fi
 #                        FD_rec (FID_rec), so a decoder that stops being a tokenizer decoder shows; 0 = off
 grid_prompts = 16  # each evaluated round's eval_grid.png: the first image of the first N prompts
 figure_prompts = 8  # the run's eval_before_after.png: the first N prompts, base and last round side by side
+figure_train_n = 16  # a run on no more training prompts than figure_prompts (the default's 8): the figure shows those,
+#                     each sampled N times at the first and last round, with their CLIP and GenEval; 0 = the eval prompts
 SWITCHES = {"eval_caption_padding": ("", "left", "right", "right_zeroed")}
 
 
@@ -352,8 +354,9 @@ def hps_benchmark(c, rc, d, hps):
     return m
 
 
-def evaluate_round(c, rc, d, rank=0, world=1):
-    """Metrics of round folder d on the eval prompts; images land in d/eval_<settings>/."""
+def evaluate_round(c, rc, d, rank=0, world=1, files=True):
+    """Metrics of round folder d on the eval prompts; images land in d/eval_<settings>/ (and, with files,
+    the round's eval.json and eval_grid.png in d)."""
     from losses import Reward
     from model_vq import load_vq
     prompts = read_prompts(c.eval_prompts)
@@ -417,14 +420,36 @@ def evaluate_round(c, rc, d, rank=0, world=1):
         m["code_entropy_real"] = entropy_bits(code_histogram(gt, V))
     if ref is not None and c.eval_rec_images:
         m.update(decoder_fidelity(c, rc, d, ref, net, base_vq))
-    grid = torch.stack([load_image(p, rc.image_size) for p in paths[:c.grid_prompts * c.eval_n_per_prompt:c.eval_n_per_prompt]])
-    grid = F.interpolate(grid, scale_factor=max(1, 128 // rc.image_size), mode="nearest")  # tiles of >= 128 px
-    save_grid(grid, os.path.join(d, "eval_grid.png"), nrow=8)
-    atomic_write(os.path.join(d, "eval.json"), json.dumps(m, indent=1))
+    if files:
+        grid = torch.stack([load_image(p, rc.image_size) for p in paths[:c.grid_prompts * c.eval_n_per_prompt:c.eval_n_per_prompt]])
+        grid = F.interpolate(grid, scale_factor=max(1, 128 // rc.image_size), mode="nearest")  # tiles of >= 128 px
+        save_grid(grid, os.path.join(d, "eval_grid.png"), nrow=8)
+        atomic_write(os.path.join(d, "eval.json"), json.dumps(m, indent=1))
     return m
 
 
+def trained_prompts(c, rc):
+    """The evaluation of a run's own training prompts, when its before / after figure shows them (no more
+    of them than figure_prompts, figure_train_n > 0): each sampled figure_train_n times, CLIP and micro
+    GenEval (where eval_specs holds them), no real images; else None (also when the file is not here)."""
+    prompts = read_prompts(rc.train_prompts) if c.figure_train_n and os.path.isfile(rc.train_prompts) else []
+    if not prompts or len(prompts) > c.figure_prompts:
+        return None
+    specs = c.eval_specs if c.eval_specs and not c.geneval_detector else ""
+    if specs and not set(prompts) <= set(common.parse_json(specs, common.read_text(specs, "eval_specs"))):
+        specs = ""
+    return SimpleNamespace(**{**vars(c), "eval_prompts": rc.train_prompts, "eval_n_per_prompt": c.figure_train_n,
+                              "eval_pairs": "", "eval_specs": specs, "eval_hps_weights": "", "eval_hps_benchmark": ""})
+
+
 # ---------------------------------------------------------------- the runs' report
+
+
+TRAINED = "The prompts it trained on"
+
+
+def heading(trained):
+    return "" if trained is None else f"the training prompts: fresh samples (seed {trained.eval_seed}), 2 of {trained.eval_n_per_prompt} each"
 
 
 def report(c, configs, results, rewards, where):
@@ -432,21 +457,37 @@ def report(c, configs, results, rewards, where):
     (when its first and last evaluated rounds still hold their images); with two runs, one more figure in
     `where`: the first run's base beside each run's last round. configs, results, rewards: by run."""
     text = table(results)
-    atomic_write(os.path.join(where, "eval_table.md"), text + "\n")
     curves(results, os.path.join(where, "eval_curves.png"),
            {k: {r: v for r, v in d.items() if v is not None} for k, d in rewards.items()})
-    column = lambda name, r, title: (title, eval_folder(c, configs[name], round_dir(name, r)), results[name][r])
     ends = {name: (min(r), max(r)) for name, r in results.items()}
-    have = lambda name, r: os.path.isdir(eval_folder(c, configs[name], round_dir(name, r)))
+    shown = {name: trained_prompts(c, configs[name]) for name in results}  # each run's figure: its training prompts ...
+    if len({configs[name].train_prompts for name in results}) > 1 or None in shown.values():
+        shown = dict.fromkeys(results)  # ... unless the runs trained on different ones, or a run on too many
+    have = lambda name, r: os.path.isdir(eval_folder(shown[name] or c, configs[name], round_dir(name, r))) or (
+        shown[name] is not None and os.path.isfile(os.path.join(round_dir(name, r), "policy.safetensors")))
+    trained = {}  # (run, round): the training prompts' metrics
+
+    def column(name, r, title):
+        fc = shown[name] or c
+        if fc is not c and (name, r) not in trained:
+            trained[name, r] = evaluate_round(fc, configs[name], round_dir(name, r), files=False)
+        return title, eval_folder(fc, configs[name], round_dir(name, r)), trained.get((name, r), results[name][r])
     for name, (first, last) in ends.items():
         if last > first and have(name, first) and have(name, last):
-            before_after(c, [column(name, first, f"round {first}{' (base)' if first == 0 else ''}"),
-                             column(name, last, f"round {last}")], os.path.join(name, "eval_before_after.png"))
+            before_after(shown[name] or c, [column(name, first, f"round {first}{' (base)' if first == 0 else ''}"),
+                                            column(name, last, f"round {last}")], os.path.join(name, "eval_before_after.png"),
+                         heading(shown[name]))
     if len(results) > 1 and all(have(name, r) for name, ends_ in ends.items() for r in ends_):
         first_run = next(iter(results))
-        before_after(c, [column(first_run, ends[first_run][0], f"round {ends[first_run][0]}")] +
+        before_after(shown[first_run] or c, [column(first_run, ends[first_run][0], f"round {ends[first_run][0]}")] +
                      [column(name, last, f"{os.path.basename(name.rstrip('/'))}, round {last}") for name, (_, last) in ends.items()],
-                     os.path.join(where, "eval_before_after.png"))
+                     os.path.join(where, "eval_before_after.png"), heading(shown[first_run]))
+    by_run = {}
+    for (name, r), m in trained.items():
+        by_run.setdefault(name, {})[r] = m
+    if by_run:
+        text += f"\n\n{TRAINED}, {c.figure_train_n} samples each (the figure's):\n\n" + table(by_run)
+    atomic_write(os.path.join(where, "eval_table.md"), text + "\n")
     return text
 
 

@@ -37,7 +37,7 @@ def curves(results, path, reward_by_round):
     plt.close(fig)
 
 
-def before_after(c, columns, path):
+def before_after(c, columns, path, heading=""):
     """One figure a person reads at a glance: the first `figure_prompts` eval prompts written beside two
     samples of each (the same seeds in every column) from each column's images, pixels enlarged as they
     are (nearest), the column's headline metrics above it. columns: [(title, image folder, metrics)]."""
@@ -57,9 +57,12 @@ def before_after(c, columns, path):
                 ax.imshow(Image.open(os.path.join(folder, f"{i * c.eval_n_per_prompt + s:06d}.png")), interpolation="nearest")
                 if i == 0 and s == 0:
                     shown = [f"{key} {m[key]:.1f}" for key in ("CLIP", "FID", "FD", "FD_CLIP") if key in m]
+                    shown += [f"GenEval {m['GenEval']:.2f}"] if "GenEval" in m else []
                     ax.set_title(f"{title}\n" + ", ".join(shown), fontsize=9, loc="left")
     for ax in axes.flat:
         ax.axis("off")
+    if heading:
+        fig.suptitle(heading, fontsize=10, x=0.01, ha="left")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=100)
     os.replace(path + ".tmp.png", path)

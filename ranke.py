@@ -109,13 +109,16 @@ def report(c, evals, rewards, tracker):
     """The run's evaluated rounds as eval_table.md, eval_curves.png and eval_before_after.png in out_dir,
     and the first and last side by side on the terminal."""
     first, last = min(evals), max(evals)
-    evaluation.report(c, {c.out_dir: c}, {c.out_dir: evals}, {c.out_dir: rewards}, c.out_dir)
+    text = evaluation.report(c, {c.out_dir: c}, {c.out_dir: evals}, {c.out_dir: rewards}, c.out_dir)
     if tracker is not None:
         tracker.log({"round": last, **{f[:-4]: tracker.Image(os.path.join(c.out_dir, f)) for f in
                                        ("eval_curves.png", "eval_before_after.png") if os.path.isfile(os.path.join(c.out_dir, f))}})
-    print(f"\nbefore (round {first}) and after (round {last}) on the evaluation prompts "
-          f"({os.path.join(c.out_dir, 'eval_before_after.png')}):")
+    print(f"\nbefore (round {first}) and after (round {last}) on the evaluation prompts:")
     print(evaluation.table({c.out_dir: {first: evals[first], last: evals[last]}}))
+    trained = text.partition(evaluation.TRAINED)[2]  # the training prompts, when the figure shows them
+    if trained:
+        print(f"\n{evaluation.TRAINED}{trained}")
+    print(f"\nthe before / after figure: {os.path.join(c.out_dir, 'eval_before_after.png')}")
 
 
 def main(argv=None, **forced):

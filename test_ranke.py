@@ -32,7 +32,7 @@ import ranke
 import run_folder
 import train_decoder
 import train_policy
-from common import caption_features, load_round, read_prompts, rng
+from common import caption_features, load_round, read_prompts, rng, round_dir
 from configurator import configure
 from data.shapes import prepare as shapes_prepare
 from data.shapes import world as shapes_world
@@ -2195,6 +2195,16 @@ def shapes(tmp_path_factory):
     return out
 
 
+def test_the_default_trains_on_8_of_the_worlds_training_prompts(shapes):
+    """The default's prompts (data/shapes/prompts_hard.txt) are 8 distinct training prompts of the shipped
+    world, each with a micro-GenEval spec, few enough for its before / after figure to show them all."""
+    c = ranke.config([])
+    hard = read_prompts(c.train_prompts)
+    assert len(set(hard)) == len(hard) == 8 and set(hard) <= set(read_prompts(f"{shapes}/prompts_train.txt"))
+    assert set(hard) <= set(json.load(open(f"{shapes}/specs.json")))
+    assert len(hard) <= c.figure_prompts and c.figure_train_n > 0
+
+
 def test_shipped_world_is_checked_against_its_manifest(tmp_path, monkeypatch):
     """A shipped file that differs from its sha256 is refused by name before anything is written; a world
     written from other base models is written again."""
@@ -2489,6 +2499,40 @@ def test_study_summary_by_hand():
     assert s[0]["CLIP"] == (40.0, 0.0, 3) and s[10]["FD"] == (10.0, pytest.approx(1.0), 2)
     assert s[10]["CLIP"][:2] == (43.0, pytest.approx(math.sqrt(4 / 3)))  # std 2, n 3
     assert "| a | 10 (n=3) | 43 ± 1.2 | 10 ± 1 |" in figures.study_table({"a": s}, study.METRICS)
+
+
+@pytest.mark.slow
+def test_a_run_on_a_few_prompts_shows_them_in_its_figure(world, tmp_path):
+    """A run on no more training prompts than figure_prompts (the default's 8 hard prompts) shows those
+    in eval_before_after.png: each sampled figure_train_n times at the first and last round, their CLIP
+    in the report (checked against the run's reward CLIP on the figure's own images, computed here), and
+    the rounds' held-out eval.json left as the loop wrote it. With more of them, the figure is the eval prompts'."""
+    root, out = os.path.dirname(world), str(tmp_path / "run")
+    c = ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0", "--eval_every=1", "--eval_pairs=",
+                    f"--eval_prompts={root}/prompts.txt", "--eval_specs=", "--feature_net=", "--eval_n_per_prompt=1",
+                    "--figure_train_n=3"])
+    logged = {x["round"]: x["eval"] for x in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval" in x}
+    for r in (0, 1):  # the training prompts' evaluation writes no eval.json over the loop's
+        assert json.load(open(os.path.join(round_dir(out, r), "eval.json"))) == logged[r]
+    text = open(os.path.join(out, "eval_table.md")).read()
+    assert evaluation.TRAINED in text
+    rows = [line.split("|") for line in text.partition(evaluation.TRAINED)[2].splitlines() if line.startswith(f"| {out} |")]
+    head = [h.strip() for h in text.partition(evaluation.TRAINED)[2].splitlines()[2].split("|")]
+    prompts, reward = read_prompts(c.train_prompts), run_reward(c)
+    for row in rows:
+        r = int(row[2])
+        folder = evaluation.eval_folder(evaluation.trained_prompts(c, c), c, round_dir(out, r))
+        names = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
+        assert len(names) == 3 * len(prompts) == 24
+        images = torch.stack([common.load_image(os.path.join(folder, f), c.image_size) for f in names])
+        with torch.no_grad():
+            clip = 100 * reward(images, [p for p in prompts for _ in range(3)]).mean().item()
+        assert float(row[head.index("CLIP")]) == pytest.approx(clip, rel=1e-3)
+    assert [int(row[2]) for row in rows] == [0, 1]
+    evaluation.main([f"--run={out}", f"--eval_prompts={root}/prompts.txt", "--eval_pairs=", "--eval_specs=",
+                     "--feature_net=", "--eval_n_per_prompt=1", "--figure_prompts=7"])  # 8 training prompts > 7
+    assert evaluation.TRAINED not in open(os.path.join(out, "eval_table.md")).read()
+    assert os.path.isfile(os.path.join(out, "eval_before_after.png"))
 
 
 @pytest.mark.slow
