@@ -82,7 +82,7 @@ SWITCHES = {"eval_caption_padding": ("", "left", "right", "right_zeroed")}
 
 def check(c, world=1):
     """The evaluation's settings: the first that cannot run, as a message; '' if none."""
-    return common.bad_switch(c, SWITCHES)
+    return common.bad_switch(c, SWITCHES) or common.out_of_range(c, {"figure_train_n": common.NON_NEGATIVE})
 
 
 # ---------------------------------------------------------------- metrics
@@ -430,16 +430,21 @@ def evaluate_round(c, rc, d, rank=0, world=1, files=True):
 
 def trained_prompts(c, rc):
     """The evaluation of a run's own training prompts, when its before / after figure shows them (no more
-    of them than figure_prompts, figure_train_n > 0): each sampled figure_train_n times, CLIP and micro
-    GenEval (where eval_specs holds them), no real images; else None (also when the file is not here)."""
-    prompts = read_prompts(rc.train_prompts) if c.figure_train_n and os.path.isfile(rc.train_prompts) else []
-    if not prompts or len(prompts) > c.figure_prompts:
+    of them than figure_prompts, figure_train_n > 0, a run of rollouts: SFT trains on train_pairs): each
+    sampled figure_train_n times, CLIP and micro GenEval (where eval_specs holds them), no real images;
+    else None, also when the file is not here or is not the one the run trained on."""
+    here = c.figure_train_n and getattr(rc, "mode", "") != "sft" and os.path.isfile(rc.train_prompts)
+    if not here or common.file_digest(rc.train_prompts, "sha1") != getattr(rc, "prompts_sha1", None):
+        return None
+    prompts = read_prompts(rc.train_prompts)
+    if len(prompts) > c.figure_prompts:
         return None
     specs = c.eval_specs if c.eval_specs and not c.geneval_detector else ""
     if specs and not set(prompts) <= set(common.parse_json(specs, common.read_text(specs, "eval_specs"))):
         specs = ""
     return SimpleNamespace(**{**vars(c), "eval_prompts": rc.train_prompts, "eval_n_per_prompt": c.figure_train_n,
-                              "eval_pairs": "", "eval_specs": specs, "eval_hps_weights": "", "eval_hps_benchmark": ""})
+                              "eval_pairs": "", "eval_specs": specs, "eval_hps_weights": "", "eval_hps_benchmark": "",
+                              "feature_net": ""})
 
 
 # ---------------------------------------------------------------- the runs' report
@@ -449,7 +454,7 @@ TRAINED = "The prompts it trained on"
 
 
 def heading(trained):
-    return "" if trained is None else f"the training prompts: fresh samples (seed {trained.eval_seed}), 2 of {trained.eval_n_per_prompt} each"
+    return "" if trained is None else f"the training prompts: fresh samples (seed {trained.eval_seed}), {min(2, trained.eval_n_per_prompt)} of {trained.eval_n_per_prompt} each"
 
 
 def report(c, configs, results, rewards, where):
@@ -457,6 +462,7 @@ def report(c, configs, results, rewards, where):
     (when its first and last evaluated rounds still hold their images); with two runs, one more figure in
     `where`: the first run's base beside each run's last round. configs, results, rewards: by run."""
     text = table(results)
+    atomic_write(os.path.join(where, "eval_table.md"), text + "\n")  # written again below with the training prompts
     curves(results, os.path.join(where, "eval_curves.png"),
            {k: {r: v for r, v in d.items() if v is not None} for k, d in rewards.items()})
     ends = {name: (min(r), max(r)) for name, r in results.items()}
@@ -487,7 +493,7 @@ def report(c, configs, results, rewards, where):
         by_run.setdefault(name, {})[r] = m
     if by_run:
         text += f"\n\n{TRAINED}, {c.figure_train_n} samples each (the figure's):\n\n" + table(by_run)
-    atomic_write(os.path.join(where, "eval_table.md"), text + "\n")
+        atomic_write(os.path.join(where, "eval_table.md"), text + "\n")
     return text
 
 

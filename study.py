@@ -4,7 +4,8 @@ budget (the default run's 10 rounds of 3 steps; SFT the same number of steps on 
 seeds; then the mean and standard error over seeds of every held-out metric at every evaluated round, as a
 table and as curves with +- 1 SE bands, and RankE minus Std. RL seed by seed with its 95% t-interval.
 
-    python study.py                                   # the three arms x 5 seeds, into out/study
+    python study.py                                   # the three arms x 5 seeds, into out/study (the default's 8 prompts)
+    python study.py config/shapes_all.py              # ... on the world's 732 training prompts (the studies of docs/)
     python study.py --arms=ranke,std_rl --seeds=1,2   # a part; runs already complete are reused
     python study.py config/janus_shapes.py            # the same study on another world or backbone
 

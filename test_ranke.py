@@ -2502,37 +2502,44 @@ def test_study_summary_by_hand():
 
 
 @pytest.mark.slow
-def test_a_run_on_a_few_prompts_shows_them_in_its_figure(world, tmp_path):
+def test_a_run_on_a_few_prompts_shows_them_in_its_figure(world, tmp_path, monkeypatch):
     """A run on no more training prompts than figure_prompts (the default's 8 hard prompts) shows those
     in eval_before_after.png: each sampled figure_train_n times at the first and last round, their CLIP
     in the report (checked against the run's reward CLIP on the figure's own images, computed here), and
-    the rounds' held-out eval.json left as the loop wrote it. With more of them, the figure is the eval prompts'."""
+    the rounds' held-out eval.json left as the loop wrote it. With more of them than figure_prompts, a
+    prompt file changed since the run, or an SFT run, the figure is the eval prompts'."""
     root, out = os.path.dirname(world), str(tmp_path / "run")
+    (tmp_path / "eval.txt").write_text("two red squares\na blue circle\n")  # held-out prompts apart from the 8 trained
+    drawn = []  # (the prompts, the heading) of every figure drawn
+    real_before_after = evaluation.before_after
+    monkeypatch.setattr(evaluation, "before_after", lambda fc, cols, path, heading="": (
+        drawn.append((fc.eval_prompts, heading)), real_before_after(fc, cols, path, heading)))
     c = ranke.main([world, f"--out_dir={out}", "--rounds=1", "--sample_every=0", "--eval_every=1", "--eval_pairs=",
-                    f"--eval_prompts={root}/prompts.txt", "--eval_specs=", "--feature_net=", "--eval_n_per_prompt=1",
+                    f"--eval_prompts={tmp_path}/eval.txt", "--eval_specs=", "--feature_net=", "--eval_n_per_prompt=1",
                     "--figure_train_n=3"])
+    assert drawn == [(c.train_prompts, "the training prompts: fresh samples (seed 1234), 2 of 3 each")]
     logged = {x["round"]: x["eval"] for x in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "eval" in x}
     for r in (0, 1):  # the training prompts' evaluation writes no eval.json over the loop's
         assert json.load(open(os.path.join(round_dir(out, r), "eval.json"))) == logged[r]
-    text = open(os.path.join(out, "eval_table.md")).read()
-    assert evaluation.TRAINED in text
-    rows = [line.split("|") for line in text.partition(evaluation.TRAINED)[2].splitlines() if line.startswith(f"| {out} |")]
-    head = [h.strip() for h in text.partition(evaluation.TRAINED)[2].splitlines()[2].split("|")]
+    text = open(os.path.join(out, "eval_table.md")).read().partition(evaluation.TRAINED)[2]
+    rows = [line.split("|") for line in text.splitlines() if line.startswith(f"| {out} |")]
+    head = [h.strip() for h in text.splitlines()[2].split("|")]
     prompts, reward = read_prompts(c.train_prompts), run_reward(c)
+    assert [int(row[2]) for row in rows] == [0, 1]
     for row in rows:
-        r = int(row[2])
-        folder = evaluation.eval_folder(evaluation.trained_prompts(c, c), c, round_dir(out, r))
+        folder = evaluation.eval_folder(evaluation.trained_prompts(c, c), c, round_dir(out, int(row[2])))
         names = sorted(f for f in os.listdir(folder) if f.endswith(".png"))
         assert len(names) == 3 * len(prompts) == 24
         images = torch.stack([common.load_image(os.path.join(folder, f), c.image_size) for f in names])
         with torch.no_grad():
             clip = 100 * reward(images, [p for p in prompts for _ in range(3)]).mean().item()
         assert float(row[head.index("CLIP")]) == pytest.approx(clip, rel=1e-3)
-    assert [int(row[2]) for row in rows] == [0, 1]
-    evaluation.main([f"--run={out}", f"--eval_prompts={root}/prompts.txt", "--eval_pairs=", "--eval_specs=",
-                     "--feature_net=", "--eval_n_per_prompt=1", "--figure_prompts=7"])  # 8 training prompts > 7
-    assert evaluation.TRAINED not in open(os.path.join(out, "eval_table.md")).read()
-    assert os.path.isfile(os.path.join(out, "eval_before_after.png"))
+    args = [f"--run={out}", f"--eval_prompts={tmp_path}/eval.txt", "--eval_pairs=", "--eval_specs=", "--feature_net=",
+            "--eval_n_per_prompt=1"]
+    evaluation.main(args + ["--figure_prompts=7"])  # 8 training prompts > 7
+    assert drawn[-1] == (f"{tmp_path}/eval.txt", "") and evaluation.TRAINED not in open(os.path.join(out, "eval_table.md")).read()
+    assert evaluation.trained_prompts(c, SimpleNamespace(**{**vars(c), "mode": "sft"})) is None  # SFT trains on pairs
+    assert evaluation.trained_prompts(c, SimpleNamespace(**{**vars(c), "prompts_sha1": "0" * 40})) is None
 
 
 @pytest.mark.slow

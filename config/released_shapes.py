@@ -7,8 +7,8 @@
 import os
 exec(open(os.path.join(os.path.dirname(__file__), "released.py")).read())
 out_dir = "out/released_shapes"
-train_prompts = "out/shapes/prompts_train.txt"  # all the world's training prompts (each step's real images are its prompts')
-policy_lr = 5e-5
+train_prompts = "out/shapes/prompts_train.txt"  # the world's whole training set at the former default's lr, as
+policy_lr = 5e-5  #                                config/shapes_all.py (each step's real images are its prompts')
 decoder_sync = "per_rank"  # as its LlamaGen trainer (the same as all_reduce on one process)
 cons_kind = "mse"
 disc_start = 1

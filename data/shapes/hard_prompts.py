@@ -25,7 +25,7 @@ from model_ar import generate  # noqa: E402
 def hardest(n=8, every=4, samples=16, seed=123):
     with tempfile.TemporaryDirectory() as tmp:  # round_0000 of a run of no rounds: the base, loaded as runs load it
         c = ranke.main([f"--out_dir={tmp}", "--train_prompts=out/shapes/prompts_train.txt", "--rounds=0",
-                        "--eval_every=0", "--sample_every=0"])
+                        "--eval_every=0", "--sample_every=0", "--device=cpu", "--dtype=float32"])  # as it was picked
         policy, vq = load_round(c, os.path.join(tmp, "round_0000"))
         reward, prompts = run_reward(c), read_prompts(c.train_prompts)[::every]
         texts = [p for p in prompts for _ in range(samples)]
