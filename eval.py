@@ -454,7 +454,10 @@ TRAINED = "The prompts it trained on"
 
 
 def heading(trained):
-    return "" if trained is None else f"the training prompts: fresh samples (seed {trained.eval_seed}), {min(2, trained.eval_n_per_prompt)} of {trained.eval_n_per_prompt} each"
+    if trained is None:
+        return ""
+    n = trained.eval_n_per_prompt
+    return f"the training prompts: fresh samples (seed {trained.eval_seed}), {min(2, n)} of {n} each"
 
 
 def report(c, configs, results, rewards, where):
