@@ -138,7 +138,8 @@ def open_run(c, rank, world):
         old = read_meta(round_dir(c.out_dir, start))["config"]
         stages = (train_policy, train_decoder, train_sft)  # a key the round predates has its default
         changed = [k for k in COMPATIBLE if common.saved_setting(old, k, stages) != getattr(c, k)]
-        if not c.resume or changed or old.get("prompts_sha1") != c.prompts_sha1:
+        changed += ["training prompts (train_prompts)"] if old.get("prompts_sha1") != c.prompts_sha1 else []
+        if not c.resume or changed:
             raise SystemExit(f"{c.out_dir} already holds a run up to round {start}"
                              + (f" with other {', '.join(changed)}" if changed else "")
                              + ": choose another out_dir (nothing was overwritten)")

@@ -1643,6 +1643,10 @@ def test_bad_inputs_get_one_clear_message_and_write_nothing(world, tmp_path):
     before = weights(out / "round_0001", "policy.safetensors")
     with pytest.raises(SystemExit, match="already holds a run up to round 1 with other group_size"):
         ranke.main([world, f"--out_dir={out}", "--rounds=2", "--group_size=2", "--decoder_batch=4"])
+    reordered = tmp_path / "reordered.txt"  # the same prompts in another order: rollouts name prompts by index
+    reordered.write_text("\n".join(read_prompts(os.path.join(os.path.dirname(world), "prompts.txt"))[::-1]) + "\n")
+    with pytest.raises(SystemExit, match=r"up to round 1 with other training prompts \(train_prompts\)"):
+        ranke.main([world, f"--out_dir={out}", "--rounds=2", f"--train_prompts={reordered}"])
     assert same(before, weights(out / "round_0001", "policy.safetensors")) and not (out / "round_0002").exists()
     # Stage 2 alone refuses another run's rollouts
     other = tmp_path / "other"
