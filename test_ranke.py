@@ -35,6 +35,7 @@ import train_policy
 from common import caption_features, load_round, read_prompts, rng, round_dir
 from configurator import configure
 from data.shapes import prepare as shapes_prepare
+from data.shapes.hard_prompts import prompt_rewards
 from data.shapes import world as shapes_world
 from losses import run_reward
 from model_ar import GPT, gpt_config, generate, token_logprobs
@@ -2593,20 +2594,6 @@ def test_one_bf16_round_of_each_mode_on_cpu(world, tmp_path, mode):
         ranke.main([*args, f"--out_dir={tmp_path / 'straight'}", "--rounds=2"])
         for f in ROUND_FILES_CHECKED:
             assert same(weights(os.path.join(out, "round_0002"), f), weights(str(tmp_path / "straight" / "round_0002"), f)), f
-
-
-def prompt_rewards(c, d, prompts, n, seed=123):
-    """R(x, c) of n samples per prompt from round folder d (fixed seed): len(prompts) x n."""
-    policy, vq = load_round(c, d)
-    reward = run_reward(c)
-    texts = [p for p in prompts for _ in range(n)]
-    cond, mask = caption_features(texts, c, policy.config.cls_token_num)
-    gen, r = torch.Generator(c.device).manual_seed(seed), []
-    with torch.no_grad():
-        for i in range(0, len(texts), 256):
-            codes = generate(policy, cond[i:i + 256], mask[i:i + 256], c.cfg_scale, c.temperature, c.top_k, c.top_p, generator=gen)
-            r.append(reward(vq.decode(codes), texts[i:i + 256]))
-    return torch.cat(r).view(len(prompts), n)
 
 
 @pytest.mark.slow

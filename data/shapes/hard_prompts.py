@@ -22,21 +22,26 @@ from losses import run_reward  # noqa: E402
 from model_ar import generate  # noqa: E402
 
 
-def hardest(n=8, every=4, samples=16, seed=123):
+def prompt_rewards(c, d, prompts, n, seed=123):
+    """R(x, c) of n samples per prompt from round folder d, drawn as the rollouts draw (fixed seed): len(prompts) x n."""
+    policy, vq = load_round(c, d)
+    reward = run_reward(c)
+    texts = [p for p in prompts for _ in range(n)]
+    cond, mask = caption_features(texts, c, policy.config.cls_token_num)
+    gen, r = torch.Generator(c.device).manual_seed(seed), []
+    with torch.no_grad():
+        for i in range(0, len(texts), 256):
+            codes = generate(policy, cond[i:i + 256], mask[i:i + 256], c.cfg_scale, c.temperature, c.top_k, c.top_p, generator=gen)
+            r.append(reward(vq.decode(codes), texts[i:i + 256]))
+    return torch.cat(r).view(len(prompts), n)
+
+
+def hardest(n=8, every=4, samples=16):
     with tempfile.TemporaryDirectory() as tmp:  # round_0000 of a run of no rounds: the base, loaded as runs load it
         c = ranke.main([f"--out_dir={tmp}", "--train_prompts=out/shapes/prompts_train.txt", "--rounds=0",
                         "--eval_every=0", "--sample_every=0", "--device=cpu", "--dtype=float32"])  # as it was picked
-        policy, vq = load_round(c, os.path.join(tmp, "round_0000"))
-        reward, prompts = run_reward(c), read_prompts(c.train_prompts)[::every]
-        texts = [p for p in prompts for _ in range(samples)]
-        cond, mask = caption_features(texts, c, policy.config.cls_token_num)
-        gen, r = torch.Generator(c.device).manual_seed(seed), []
-        with torch.no_grad():
-            for i in range(0, len(texts), 256):
-                codes = generate(policy, cond[i:i + 256], mask[i:i + 256], c.cfg_scale, c.temperature, c.top_k, c.top_p,
-                                 generator=gen)
-                r.append(reward(vq.decode(codes), texts[i:i + 256]))
-    mean = torch.cat(r).view(len(prompts), samples).mean(1)
+        prompts = read_prompts(c.train_prompts)[::every]
+        mean = prompt_rewards(c, os.path.join(tmp, "round_0000"), prompts, samples).mean(1)
     return [(prompts[i], mean[i].item()) for i in mean.argsort()[:n].tolist()]
 
 
